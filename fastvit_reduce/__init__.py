@@ -1,0 +1,1 @@
+"""fastvit_reduce: train parameter-reduced ViTs with FFCV + timm."""

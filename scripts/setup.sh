@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Idempotent, non-interactive setup for a fresh Debian machine (run as root, or with sudo available).
+#   1. system packages ffcv 1.0.2 needs to compile (only those missing),
+#   2. a virtualenv at <repo>/.venv,
+#   3. `pip install -e .[test]`, skipped when pyproject.toml has not changed since the last install.
+# A second run takes a few seconds.  The Dockerfile runs `scripts/setup.sh --system-only`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+# why: ffcv's setup.py finds OpenCV and libjpeg-turbo through the pkg-config *binary*.
+SYSTEM_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev g++)
+
+missing=()
+for p in "${SYSTEM_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing system packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[ "${1:-}" = "--system-only" ] && exit 0
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($PY --version)"
+    $PY -m venv .venv
+fi
+
+stamp=.venv/.fastvit_reduce-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import fastvit_reduce, ffcv" 2>/dev/null; then
+    echo "setup: .venv is up to date ($ROOT/.venv)"
+    exit 0
+fi
+echo "setup: installing fastvit_reduce (editable, with test extras) into .venv — first time takes a few minutes"
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -m pip install -q -e ".[test]"
+echo "$want" > "$stamp"
+echo "setup: done ($ROOT/.venv)"
