@@ -1,0 +1,1 @@
+"""Benchmarks that print tables (loader, strategies); never timed tests."""

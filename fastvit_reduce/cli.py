@@ -1,0 +1,45 @@
+"""``fastvit-reduce`` command line: one subcommand per module, imported only when used.
+
+    fastvit-reduce info     [--model M] [--strategy S ...] [--json]   parameter/FLOP table
+    fastvit-reduce write    --cfg.data_dir=... --cfg.write_path=...     ImageFolder -> .beton
+    fastvit-reduce inspect  FILE.beton                                  what a .beton holds
+    fastvit-reduce sample   --out DIR                                   embedded sample ImageNet
+    fastvit-reduce bench    loader|strategies ...                       benchmark tables
+    fastvit-reduce train    --config rn_configs/thin.yaml ...           same as train.py
+    fastvit-reduce sweep    CONFIG... [--gpus 0,1] [--out DIR]          run many configs
+    fastvit-reduce report   RUN_DIR...                                  sweep summary table/plot
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "info": "fastvit_reduce.info",
+    "write": "fastvit_reduce.data.write",
+    "inspect": "fastvit_reduce.data.inspect",
+    "sample": "fastvit_reduce.sample",
+    "bench loader": "fastvit_reduce.bench.loader",
+    "bench strategies": "fastvit_reduce.bench.strategies",
+    "train": "fastvit_reduce.trainer",
+    "sweep": "fastvit_reduce.sweep",
+    "report": "fastvit_reduce.report",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``argv`` to the subcommand module's ``main(argv) -> int``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            module = importlib.import_module(COMMANDS[name])
+            return int(module.main(argv[words:]) or 0)
+    if argv and argv[0] not in ("-h", "--help"):
+        print(f"fastvit-reduce: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
+    print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Strict fastargs configuration: YAML files + ``--section.key=value`` overrides.
+
+fastargs 1.2.0 is used for declaring parameters (``Section(...).params(...)`` beside the code
+that reads them) and for ``@param`` injection, but its loading is too forgiving for sweeps:
+
+* unknown YAML keys are silently ignored,
+* ``Param(bool)`` turns the string ``"False"`` into ``True``,
+* ``Config.validate()`` calls ``sys.exit()`` with status 0 on errors.
+
+``load_config`` below parses the sources itself, rejects unknown keys (with a "did you mean"),
+validates every value and raises ``ConfigError`` naming each bad key, before any work starts.
+Precedence: later ``--config`` files override earlier ones; CLI overrides all files.
+Environment variables are *not* read (fastargs would give them the highest precedence, which
+makes runs hard to reproduce from their logged command).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import yaml
+from fastargs import get_current_config
+from fastargs.validation import Checker
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names every offending key."""
+
+
+# ----------------------------------------------------------------------------- checkers
+class Bool01(Checker):
+    """A flag written as 0 or 1 (why: fastargs' bool checker maps "False" to True)."""
+
+    def check(self, value):
+        if isinstance(value, bool):
+            raise ValueError("write flags as 0 or 1, not true/false")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip() in ("0", "1"):
+            return value.strip() == "1"
+        raise ValueError(f"expected 0 or 1, got {value!r}")
+
+    def help(self):
+        return "0 or 1"
+
+
+class Choice(Checker):
+    """One of a fixed, ordered list of strings."""
+
+    def __init__(self, *choices: str):
+        self.choices = tuple(choices)
+
+    def check(self, value):
+        value = str(value)
+        if value not in self.choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(self.choices)}")
+        return value
+
+    def help(self):
+        return "one of " + "|".join(self.choices)
+
+
+class Number(Checker):
+    """An int or float within [lo, hi] (either bound open with ``lo_open``/``hi_open``)."""
+
+    def __init__(self, kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+
+    def check(self, value):
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        if self.kind is int:
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            value = int(as_float)
+        else:
+            value = float(value)
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            raise ValueError(f"{value} out of range")
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            raise ValueError(f"{value} out of range")
+        return value
+
+    def help(self):
+        name = "an integer" if self.kind is int else "a number"
+        lo = "" if self.lo is None else ("> " if self.lo_open else ">= ") + str(self.lo)
+        hi = "" if self.hi is None else ("< " if self.hi_open else "<= ") + str(self.hi)
+        return " ".join(x for x in (name, lo, "and" if lo and hi else "", hi) if x)
+
+
+class FloatList(Checker):
+    """A list of floats, from YAML ``[0.9, 0.999]`` or a CLI string ``0.9,0.999``."""
+
+    def __init__(self, length: int | None = None):
+        self.length = length
+
+    def check(self, value):
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+        out = [float(v) for v in value]
+        if self.length is not None and len(out) != self.length:
+            raise ValueError(f"expected {self.length} numbers, got {len(out)}")
+        return out
+
+    def help(self):
+        return f"{self.length or 'N'} comma-separated numbers"
+
+
+# ----------------------------------------------------------------------------- loading
+def declared_keys(sections: Iterable[str] | None = None) -> dict[str, object]:
+    """``{'section.key': Param}`` of every declared parameter (optionally only ``sections``)."""
+    cfg = get_current_config()
+    keys = {".".join(path): p for path, p in cfg.entries.items()}
+    if sections is not None:
+        allowed = set(sections)
+        keys = {k: p for k, p in keys.items() if k.split(".")[0] in allowed}
+    return keys
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def read_yaml(path: str | Path) -> dict[str, object]:
+    """Flattened ``{'section.key': value}`` of one YAML file, with a clear error if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return {k: (v, str(path)) for k, v in _flatten(tree).items()}
+
+
+def parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, object]]:
+    """Split argv into config files (``--config F`` / ``-C F``, repeatable) and overrides."""
+    files, overrides, i = [], {}, 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-C", "--config-file"):
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a file name")
+            files.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config=") or arg.startswith("--config-file="):
+            files.append(arg.split("=", 1)[1])
+        elif arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            overrides[key] = (value, "command line")
+        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides[arg[2:]] = (argv[i + 1], "command line")
+            i += 1
+        else:
+            raise ConfigError(f"cannot parse argument {arg!r}: use --section.key=value or --config FILE")
+        i += 1
+    return files, overrides
+
+
+def load_config(argv: Sequence[str], sections: Iterable[str] | None = None):
+    """Load, check and install the global fastargs config from argv; return it.
+
+    Raises ``ConfigError`` listing every unknown key (with suggestions) and every invalid value
+    (with the allowed range), so a typo in a sweep config stops the run before any work.
+    """
+    files, overrides = parse_argv(argv)
+    merged: dict[str, tuple[object, str]] = {}
+    for f in files:
+        merged.update(read_yaml(f))
+    merged.update(overrides)
+    return install(merged, sections)
+
+
+def install(values: dict[str, tuple[object, str]], sections: Iterable[str] | None = None):
+    """Validate ``{'section.key': (value, source)}`` and make it the current fastargs config."""
+    known = declared_keys(sections)
+    problems = []
+    for key, (_, source) in values.items():
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            problems.append(f"unknown key '{key}' (from {source})"
+                            + (f" — did you mean '{hint[0]}'?" if hint else ""))
+    cfg = get_current_config()
+    cfg.content = {}
+    cfg.collect({k: v for k, (v, _) in values.items() if k in known})
+    for key, param in known.items():
+        path = tuple(key.split("."))
+        raw = cfg.content.get(path, param.default)
+        if raw is None and not param.required:
+            continue
+        try:
+            param.checker.check(raw)
+        except Exception as e:  # noqa: BLE001 — any checker failure is a config error
+            source = values.get(key, (None, "default"))[1]
+            detail = f" ({e})" if str(e) else ""
+            problems.append(f"invalid value for '{key}' (from {source}): got {raw!r}, "
+                            f"expected {param.checker.help()}{detail}")
+    if problems:
+        raise ConfigError("configuration error:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def resolved(sections: Iterable[str] | None = None) -> dict[str, object]:
+    """The current config as a flat ``{'section.key': value}`` dict (defaults filled in)."""
+    cfg = get_current_config()
+    out = {}
+    for key in sorted(declared_keys(sections)):
+        value = cfg[key]
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def dump_json(obj, path: str | Path) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
