@@ -131,18 +131,30 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def read_yaml(path: str | Path) -> dict[str, object]:
-    """Flattened ``{'section.key': value}`` of one YAML file, with a clear error if unreadable."""
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, tuple[object, str]]:
+    """Flattened ``{'section.key': (value, source)}`` of one YAML file.
+
+    A top-level ``base: other.yaml`` (or a list of files), resolved relative to this file, is
+    loaded first and overridden by this file's own keys, so ``rn_configs/thin.yaml`` can build on
+    ``rn_configs/base.yaml`` and still be passed alone as ``--config rn_configs/thin.yaml``.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other in a cycle")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return {k: (v, str(path)) for k, v in _flatten(tree).items()}
+    bases = tree.pop("base", None) or []
+    merged: dict[str, tuple[object, str]] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged.update(read_yaml(path.parent / base, _seen + (path.resolve(),)))
+    merged.update({k: (v, str(path)) for k, v in _flatten(tree).items()})
+    return merged
 
 
 def parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, object]]:
