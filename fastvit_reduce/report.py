@@ -1,0 +1,259 @@
+"""``fastvit-reduce report RUN_DIR... [--out DIR]``: compare finished runs in a table and a plot.
+
+Reads each run folder the trainer wrote (``final.json``, plus ``params.json`` for the strategy's
+knobs and ``log.jsonl`` for runs that stopped before ``final.json``) and writes into ``--out``
+(default: the common parent of the runs):
+
+    sweep_summary.csv   one row per run, raw numbers (params, seconds, fractions)
+    sweep_summary.md    the same as a Markdown table (also printed)
+    sweep_summary.png   top-1 vs parameters and top-1 vs wall-clock, one labelled point per run
+
+A RUN_DIR without ``final.json`` or ``log.jsonl`` whose sub-folders are runs (a sweep's
+``--out``) stands for all of them. ``fastvit_reduce.sweep`` calls ``write_summary`` itself at the
+end of a sweep, adding failed runs with the path of their log.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+# CSV columns, in order; the Markdown table shows a readable subset (MD_COLUMNS).
+CSV_COLUMNS = ["experiment", "strategy", "knobs", "params", "mlp_params", "gflops", "img_size",
+               "epochs", "best_top_1", "final_top_1", "best_ema_top_1", "final_ema_top_1",
+               "total_time_s", "train_img_s", "data_wait_frac", "status", "run_dir", "log"]
+
+# strategy -> the reduction.* knobs that describe it (see fastvit_reduce.models)
+KNOBS = {"thin": ["mlp_ratio"], "shallow": ["keep_ratio", "prune_by"],
+         "grouped": ["scale", "group_size"]}
+
+
+class ReportError(ValueError):
+    """A run folder that cannot be read; the message names the folder and the problem."""
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # why: a run killed mid-write can leave a torn last line
+    return rows
+
+
+def _lookup(params: dict, key: str):
+    """``params['reduction.mlp_ratio']`` whether params.json is flat, nested, or under 'config'."""
+    for tree in (params, params.get("config", {}), params.get("resolved", {})):
+        if not isinstance(tree, dict):
+            continue
+        if key in tree:
+            return tree[key]
+        node = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
+def knob_label(strategy: str | None, params: dict) -> str:
+    """``'mlp_ratio=2.0'`` for a thin run, etc.; '' for baseline or unknown params."""
+    parts = []
+    for knob in KNOBS.get(strategy or "", []):
+        value = _lookup(params, f"reduction.{knob}")
+        if value is not None:
+            parts.append(f"{knob}={value}")
+    return " ".join(parts)
+
+
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` looks like a trainer run folder."""
+    return any((path / f).is_file() for f in ("final.json", "log.jsonl", "params.json"))
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Expand each path to run folders: itself if it is a run, else its run sub-folders."""
+    runs = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise ReportError(f"{p}: no such folder")
+        if is_run_dir(p):
+            runs.append(p)
+            continue
+        children = sorted(c for c in p.iterdir() if c.is_dir() and is_run_dir(c))
+        if not children:
+            raise ReportError(f"{p}: neither a run folder (no final.json / log.jsonl) nor a folder of runs")
+        runs.extend(children)
+    return runs
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """One summary row (keys of ``CSV_COLUMNS``) from a run folder.
+
+    With ``final.json`` the numbers are the trainer's own; without it (a run still going, or
+    killed) the best/last top-1 so far come from ``log.jsonl`` and status says 'incomplete'.
+    """
+    run_dir = Path(run_dir)
+    final_path = run_dir / "final.json"
+    final = _read_json(final_path) if final_path.is_file() else {}
+    params = _read_json(run_dir / "params.json") if (run_dir / "params.json").is_file() else {}
+    log = _read_jsonl(run_dir / "log.jsonl")
+    if not final and not log:
+        raise ReportError(f"{run_dir}: no final.json and no epochs in log.jsonl")
+    row = {c: None for c in CSV_COLUMNS}
+    row.update({k: v for k, v in final.items() if k in row})
+    row["experiment"] = row["experiment"] or run_dir.name
+    row["strategy"] = row["strategy"] or _lookup(params, "reduction.strategy")
+    row["knobs"] = knob_label(row["strategy"], params)
+    if not final:  # only the per-epoch log: summarise what is there
+        top1 = [r["top_1"] for r in log if r.get("top_1") is not None]
+        ema = [r["ema_top_1"] for r in log if r.get("ema_top_1") is not None]
+        row.update(epochs=len(log), best_top_1=max(top1, default=None),
+                   final_top_1=top1[-1] if top1 else None, best_ema_top_1=max(ema, default=None),
+                   final_ema_top_1=ema[-1] if ema else None,
+                   total_time_s=sum(r.get("epoch_time_s") or 0 for r in log))
+    row["status"] = "done" if final.get("completed") else "incomplete"
+    row["run_dir"] = str(run_dir)
+    train_log = run_dir / "train.log"
+    row["log"] = str(train_log) if train_log.is_file() else ""
+    return row
+
+
+# ----------------------------------------------------------------------------- formatting
+def _num(v, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(v, fmt)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    seconds = float(seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _params(n) -> str:
+    return "–" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+MD_COLUMNS = [  # (header, function of a row)
+    ("run", lambda r: r["experiment"]),
+    ("strategy", lambda r: (r["strategy"] or "?") + (f" ({r['knobs']})" if r["knobs"] else "")),
+    ("params", lambda r: _params(r["params"])),
+    ("GFLOPs/img", lambda r: _num(r["gflops"], ".3g")),
+    ("best top-1 %", lambda r: _num(r["best_top_1"], ".1f")),
+    ("best EMA top-1 %", lambda r: _num(r["best_ema_top_1"], ".1f")),
+    ("epochs", lambda r: _num(r["epochs"], "d")),
+    ("wall time", lambda r: _duration(r["total_time_s"])),
+    ("train img/s", lambda r: _num(r["train_img_s"], ".0f")),
+    ("data wait", lambda r: _num(r["data_wait_frac"], ".0%")),
+    ("status", lambda r: r["status"]),
+]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary as a Markdown table, then one line per run that did not finish with its log."""
+    head = [h for h, _ in MD_COLUMNS]
+    body = [[str(f(r)) for _, f in MD_COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(b, widths)) + " |" for b in body]
+    problems = [r for r in rows if r["status"] != "done"]
+    if problems:
+        lines.append("")
+        lines += [f"- {r['experiment']}: {r['status']}" + (f" — log: {r['log']}" if r["log"] else "")
+                  for r in problems]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str | Path) -> bool:
+    """Write top-1 vs params and top-1 vs wall-clock; False (no file) when no run has a top-1."""
+    pts = [r for r in rows if r["best_top_1"] is not None]
+    if not pts:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")  # why: headless machines and CI have no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    panels = [("params", 1e-6, "parameters (M)"), ("total_time_s", 1 / 60, "wall-clock (min)")]
+    for ax, (key, scale, label) in zip(axes, panels):
+        for r in pts:
+            if r[key] is None:
+                continue
+            x = r[key] * scale
+            ax.scatter([x], [r["best_top_1"]], s=40)
+            if r["best_ema_top_1"] is not None:  # hollow marker: the EMA weights' top-1
+                ax.scatter([x], [r["best_ema_top_1"]], s=40, facecolors="none", edgecolors="gray")
+            ax.annotate(r["experiment"], (x, r["best_top_1"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=9)
+        ax.set_xlabel(label)
+        ax.set_ylabel("best top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy vs parameters")
+    axes[1].set_title("accuracy vs training time")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_summary(rows: list[dict], out_dir: str | Path) -> str:
+    """Write sweep_summary.{csv,md,png} into ``out_dir``; return the Markdown table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "sweep_summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    table = markdown_table(rows)
+    (out_dir / "sweep_summary.md").write_text(table)
+    png = out_dir / "sweep_summary.png"
+    if not plot(rows, png):
+        png.unlink(missing_ok=True)  # why: a stale plot from an earlier sweep would mislead
+    return table
+
+
+def main(argv: list[str]) -> int:
+    """``fastvit-reduce report RUN_DIR... [--out DIR]``; prints the table, returns the exit code."""
+    parser = argparse.ArgumentParser(prog="fastvit-reduce report", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or folders of runs")
+    parser.add_argument("--out", default=None, help="where to write sweep_summary.* "
+                        "(default: the common parent of the runs)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        runs = find_runs(args.runs)
+        rows = [load_run(r) for r in runs]
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(os.path.commonpath([r.resolve().parent for r in runs]))
+    print(write_summary(rows, out), end="")
+    print(f"\nwrote {out / 'sweep_summary.csv'}, sweep_summary.md"
+          + (", sweep_summary.png" if (out / "sweep_summary.png").exists() else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
