@@ -165,7 +165,7 @@ MD_COLUMNS = [  # (header, function of a row)
     ("wall time", lambda r: _duration(r["total_time_s"])),
     ("train img/s", lambda r: _num(r["train_img_s"], ".0f")),
     ("data wait", lambda r: _num(r["data_wait_frac"], ".0%")),
-    ("status", lambda r: r["status"]),
+    ("status", lambda r: r["status"].split(":")[0].split(" — ")[0]),  # details listed below the table
 ]
 
 

@@ -1,0 +1,388 @@
+"""``fastvit-reduce sweep CONFIG...``: run one training job per config and compare them.
+
+    fastvit-reduce sweep rn_configs/{baseline,thin,shallow,grouped}.yaml --gpus 0,1,2,3 --out runs/
+    fastvit-reduce sweep rn_configs/sample/*.yaml --out demo_out/runs            # CPU: one by one
+    fastvit-reduce sweep rn_configs/*.yaml --gpus-per-run 2 --nodes 1 --slurm --out runs/
+
+Each config is its own ``torchrun`` job (``python -m torch.distributed.run ... -m fastvit_reduce.cli
+train --config C --logging.folder=OUT --logging.experiment=<config stem> [--set overrides]``),
+so a run is exactly what you would get by hand, and its folder is ``OUT/<config stem>/``.
+
+* GPUs: with ``--gpus 0,1,2,3 --gpus-per-run K`` it keeps G/K jobs running at once, each with its
+  own ``CUDA_VISIBLE_DEVICES`` and its own rendezvous port. One GPU per job is the default
+  (ffcv-imagenet measured its ResNet tables that way). Without ``--gpus``: one job at a time,
+  one process each, on whatever device the config picks (``training.device``).
+* Output of each job goes to ``OUT/logs/<stem>.log`` (and to the screen when jobs run one by one).
+* A failed job does not stop the sweep; it is listed with its log. The exit code is 1 if any
+  run did not finish, 124 if the sweep itself was interrupted (SIGINT/SIGTERM are passed on to
+  the jobs, which save ``last.pt``), else 0.
+* Re-running the same command skips runs whose ``final.json`` says ``completed`` and restarts
+  the others, which resume from their ``last.pt`` (the trainer's auto-resume). A finished run is
+  never re-trained: delete its folder to redo it with other settings.
+* At the end it writes ``OUT/sweep_summary.{csv,md,png}`` (``fastvit_reduce.report``).
+
+Slurm (``--slurm``): instead of running, writes ``OUT/slurm/<stem>.sbatch`` per config — one
+``srun`` task per node launching ``torchrun --nnodes=$SLURM_NNODES --nproc_per_node=K`` with a c10d
+rendezvous on the first node — and submits each with ``sbatch`` when it is on PATH (else prints the
+scripts' paths). Near the time limit Slurm sends SIGUSR1 (``--signal=B:USR1@180``); the script
+passes it to the trainer, which saves ``last.pt``, and requeues the job, which then resumes.
+Collect results with ``fastvit-reduce report OUT``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastvit_reduce import report
+
+
+class SweepError(ValueError):
+    """Bad sweep arguments (reported as ``error: ...``, exit code 2, before any job starts)."""
+
+
+@dataclass
+class Job:
+    """One config of the sweep and what became of it."""
+    config: Path
+    name: str                          # config stem = logging.experiment = run folder name
+    run_dir: Path
+    log: Path
+    status: str = "not started"
+    returncode: int | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    logf: object = field(default=None, repr=False)  # open log file while running
+    gpus: list[str] = field(default_factory=list)
+    port: int | None = None
+    start: float = 0.0
+
+
+# ----------------------------------------------------------------------------- building commands
+def is_complete(run_dir: Path) -> bool:
+    """True when the trainer wrote ``final.json`` with ``completed: true``."""
+    try:
+        return bool(report._read_json(run_dir / "final.json").get("completed"))
+    except report.ReportError:
+        return False
+
+
+def free_port(avoid: set[int]) -> int:
+    """A TCP port that is free now and not handed to another running job."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
+def train_args(job: Job, out: Path, overrides: list[str]) -> list[str]:
+    """The trainer's arguments for ``job`` (config, run folder, then the sweep's --set overrides)."""
+    return ["--config", str(job.config.resolve()), f"--logging.folder={out.resolve()}",
+            f"--logging.experiment={job.name}"] + [f"--{kv}" for kv in overrides]
+
+
+def torchrun_command(job: Job, out: Path, overrides: list[str], nproc: int, port: int) -> list[str]:
+    """``python -m torch.distributed.run`` for one single-node job on a private rendezvous port."""
+    # why -m fastvit_reduce.cli: works for an installed package too, where the repo's train.py is absent
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={job.name}",
+            "-m", "fastvit_reduce.cli", "train"] + train_args(job, out, overrides)
+
+
+def last_error_line(log: Path) -> str:
+    """The last ``error: ...`` / ``...Error: ...`` line of a log, to show in the summary."""
+    if not log.is_file():
+        return ""
+    lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+    for line in reversed(lines):
+        text = line.strip()
+        if text.startswith("error:") or ("Error: " in text and not text.startswith("torch.")):
+            return text[:200]
+    return ""
+
+
+def finish_status(job: Job) -> str:
+    """Summary status of a job from its exit code and its run folder (torchrun's own exit code is
+    1 for any worker failure, so ``final.json`` and ``last.pt`` tell what really happened)."""
+    if is_complete(job.run_dir):
+        return "done"
+    resumable = " — re-run the sweep to resume from last.pt" if (job.run_dir / "last.pt").is_file() else ""
+    why = last_error_line(job.log)
+    return f"failed (exit {job.returncode})" + (f": {why}" if why else "") + resumable
+
+
+# ----------------------------------------------------------------------------- running
+class Runner:
+    """Starts jobs on free GPU slots (or one at a time on CPU) and collects their status."""
+
+    def __init__(self, jobs: list[Job], out: Path, overrides: list[str], gpus: list[str],
+                 gpus_per_run: int):
+        self.jobs, self.out, self.overrides = jobs, out, overrides
+        self.nproc = gpus_per_run if gpus else 1
+        # each slot is a set of GPUs one job may use; CPU: a single slot without GPUs
+        self.slots = [gpus[i:i + gpus_per_run] for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)] \
+            if gpus else [[]]
+        self.stream = len(self.slots) == 1  # one job at a time: show its output live
+        self.stopping = False
+
+    def _start(self, job: Job, slot: list[str], busy_ports: set[int]) -> None:
+        job.gpus, job.port = slot, free_port(busy_ports)
+        env = dict(os.environ)
+        if slot:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
+        cmd = torchrun_command(job, self.out, self.overrides, self.nproc, job.port)
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        resuming = " (resuming from last.pt)" if (job.run_dir / "last.pt").is_file() else ""
+        where = f"GPU {','.join(slot)}" if slot else "CPU"
+        print(f"sweep: start {job.name}{resuming} on {where} — log {job.log}", flush=True)
+        job.logf = open(job.log, "ab")
+        job.logf.write(f"\n$ {shlex.join(cmd)}\n".encode())
+        job.logf.flush()
+        # own session: a Ctrl-C reaches the jobs only through us, once, as SIGTERM (see stop())
+        job.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if self.stream else job.logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        job.start = time.time()
+        job.status = "running"
+
+    def _pump(self, job: Job) -> None:
+        """Copy a streamed job's output to the log and the screen until it exits."""
+        fd = job.proc.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            job.logf.write(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+
+    def _finish(self, job: Job) -> None:
+        job.returncode = job.proc.wait()
+        job.logf.close()
+        job.status = finish_status(job) if not self.stopping else \
+            ("done" if is_complete(job.run_dir) else "stopped — re-run the sweep to resume")
+        print(f"sweep: {job.name}: {job.status} after {time.time() - job.start:.0f} s", flush=True)
+
+    def stop(self, signum, _frame) -> None:
+        """On SIGINT/SIGTERM: start no new job and ask running ones to save last.pt and exit."""
+        if not self.stopping:
+            print(f"sweep: got signal {signum}; stopping the running jobs (they save last.pt)",
+                  file=sys.stderr, flush=True)
+        self.stopping = True
+        for job in self.jobs:
+            if job.proc is not None and job.proc.poll() is None:
+                job.proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
+
+    def run(self) -> None:
+        """Run every job whose status is 'not started'."""
+        pending = [j for j in self.jobs if j.status == "not started"]
+        running: dict[int, Job] = {}  # slot index -> job
+        while (pending and not self.stopping) or running:
+            for i, slot in enumerate(self.slots):
+                if i not in running and pending and not self.stopping:
+                    running[i] = job = pending.pop(0)
+                    self._start(job, slot, {j.port for j in running.values() if j.port})
+                    if self.stream:
+                        self._pump(job)
+            for i, job in list(running.items()):
+                if job.proc.poll() is not None:
+                    self._finish(job)
+                    del running[i]
+            if running:
+                time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------- slurm
+SBATCH_TEMPLATE = """#!/bin/bash
+# Generated by `fastvit-reduce sweep --slurm` for {config}
+# Submit: sbatch {script}     Results: fastvit-reduce report {out}
+#SBATCH --job-name=fvr-{name}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpus}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={time}
+#SBATCH --output={log}
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@180
+{extra}set -uo pipefail
+cd {cwd}
+# why: the first node hosts the c10d rendezvous; every node runs one torchrun with {gpus} workers
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT={port}
+# why: torchrun forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers unless told otherwise
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+
+preempted=0
+# scancel without --full signals the job steps (srun -> torchrun -> trainer), not this shell
+trap 'preempted=1; echo "slurm: time limit near, asking the trainer to save last.pt"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+srun --kill-on-bad-exit=1 {python} -m torch.distributed.run \\
+    --nnodes="$SLURM_NNODES" --nproc_per_node={gpus} \\
+    --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \\
+    -m fastvit_reduce.cli train {train_args} &
+srun_pid=$!
+wait $srun_pid; rc=$?
+while kill -0 $srun_pid 2>/dev/null; do wait $srun_pid; rc=$?; done
+if [ "$preempted" = 1 ]; then
+    echo "slurm: requeueing $SLURM_JOB_ID; the trainer resumes from last.pt"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit $rc
+"""
+
+
+def write_sbatch(job: Job, out: Path, overrides: list[str], *, nodes: int, gpus_per_node: int,
+                 cpus_per_task: int, time_limit: str, extra: list[str]) -> Path:
+    """Write ``OUT/slurm/<stem>.sbatch`` for one config and return its path."""
+    script = out / "slurm" / f"{job.name}.sbatch"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    text = SBATCH_TEMPLATE.format(
+        config=job.config, script=script.resolve(), out=out.resolve(), name=job.name, nodes=nodes,
+        gpus=gpus_per_node, cpus=cpus_per_task, time=time_limit,
+        log=job.log.resolve().with_suffix(".%j.log"), extra="".join(f"#SBATCH {e}\n" for e in extra),
+        cwd=shlex.quote(os.getcwd()), port=29500, python=shlex.quote(sys.executable),
+        train_args=shlex.join(train_args(job, out, overrides)))
+    script.write_text(text)
+    script.chmod(0o755)
+    return script
+
+
+def submit(scripts: list[Path]) -> int:
+    """``sbatch`` each script if Slurm is installed; else say how. Returns the exit code."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        print("sweep: sbatch not found on PATH; scripts written, submit them on the cluster with:")
+        for s in scripts:
+            print(f"  sbatch {s}")
+        return 0
+    failed = 0
+    for s in scripts:
+        res = subprocess.run([sbatch, str(s)], capture_output=True, text=True)
+        print(f"sweep: {s.name}: {(res.stdout or res.stderr).strip()}")
+        failed |= res.returncode != 0
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- summary and CLI
+def summary_rows(jobs: list[Job]) -> list[dict]:
+    """One report row per job, in config order; jobs without a readable run folder get a bare row."""
+    rows = []
+    for job in jobs:
+        try:
+            row = report.load_run(job.run_dir)
+        except report.ReportError:
+            row = {c: None for c in report.CSV_COLUMNS}
+            row.update(experiment=job.name, knobs="", run_dir=str(job.run_dir))
+        row["status"], row["log"] = job.status, str(job.log)
+        rows.append(row)
+    return rows
+
+
+def parse_gpus(text: str | None) -> list[str]:
+    """``'0,1,2,3'`` -> ['0', '1', '2', '3'] (ids as CUDA_VISIBLE_DEVICES takes them)."""
+    if not text:
+        return []
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if len(set(gpus)) != len(gpus):
+        raise SweepError(f"--gpus lists a GPU twice: {text}")
+    return gpus
+
+
+def make_jobs(configs: list[str], out: Path) -> list[Job]:
+    """Jobs for the config files, refusing missing files and two configs with the same stem."""
+    jobs, seen = [], {}
+    for c in map(Path, configs):
+        if not c.is_file():
+            raise SweepError(f"config file not found: {c}")
+        if c.stem in seen:
+            raise SweepError(f"{seen[c.stem]} and {c} would share the run folder {out / c.stem}; "
+                             "give configs distinct file names")
+        seen[c.stem] = c
+        jobs.append(Job(config=c, name=c.stem, run_dir=out / c.stem, log=out / "logs" / f"{c.stem}.log"))
+    return jobs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastvit-reduce sweep", description=__doc__.split("\n")[0])
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="trainer YAML files, one run each")
+    p.add_argument("--out", default="runs", help="sweep folder: runs, logs, summary (default: runs)")
+    p.add_argument("--gpus", default=None, help="GPU ids to use, e.g. 0,1,2,3 (default: none = CPU, sequential)")
+    p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs (= processes) per run (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="trainer override for every run, e.g. --set training.epochs=1 (repeatable)")
+    p.add_argument("--slurm", action="store_true", help="write (and submit) one sbatch script per config")
+    p.add_argument("--nodes", type=int, default=1, help="slurm: nodes per run")
+    p.add_argument("--time", default="48:00:00", help="slurm: time limit per job (requeued when hit)")
+    p.add_argument("--cpus-per-task", type=int, default=16, help="slurm: CPUs per node for loaders")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="slurm: extra '#SBATCH ARG' line, e.g. --sbatch-arg=--partition=gpu (repeatable)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Run (or, with --slurm, submit) the sweep; return 0 / 1 (a run failed) / 2 / 124 (interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    out = Path(args.out)
+    try:
+        gpus = parse_gpus(args.gpus)
+        if args.gpus_per_run < 1 or (gpus and args.gpus_per_run > len(gpus)):
+            raise SweepError(f"--gpus-per-run {args.gpus_per_run} does not fit --gpus {args.gpus or '(none)'}")
+        for kv in args.set:
+            if "=" not in kv or "." not in kv.split("=")[0] or kv.startswith("-"):
+                raise SweepError(f"--set expects section.key=value, got {kv!r}")
+            if kv.split("=")[0] in ("logging.folder", "logging.experiment"):
+                raise SweepError(f"--set {kv.split('=')[0]} is chosen by the sweep (use --out / file names)")
+        jobs = make_jobs(args.configs, out)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if gpus and len(gpus) % args.gpus_per_run:
+        print(f"sweep: warning: {len(gpus) % args.gpus_per_run} GPU(s) left idle "
+              f"({len(gpus)} GPUs, {args.gpus_per_run} per run)", file=sys.stderr)
+
+    for job in jobs:
+        if is_complete(job.run_dir):
+            job.status = "done"
+            print(f"sweep: skip {job.name}: already complete ({job.run_dir / 'final.json'})")
+    todo = [j for j in jobs if j.status != "done"]
+
+    if args.slurm:
+        scripts = [write_sbatch(j, out, args.set, nodes=args.nodes, gpus_per_node=args.gpus_per_run,
+                                cpus_per_task=args.cpus_per_task, time_limit=args.time,
+                                extra=args.sbatch_arg) for j in todo]
+        rc = submit(scripts) if scripts else 0
+        print(f"sweep: when the jobs are done: fastvit-reduce report {out}")
+        return rc
+
+    runner = Runner(jobs, out, args.set, gpus, args.gpus_per_run)
+    previous = {s: signal.signal(s, runner.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        started = time.time()
+        runner.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(f"\nsweep: {len(todo)} run(s) in {time.time() - started:.0f} s; summary in {out}/sweep_summary.*\n")
+    print(report.write_summary(summary_rows(jobs), out), end="")
+    if (out / "sweep_summary.png").is_file():
+        print(f"\nplot: {out / 'sweep_summary.png'}")
+    if runner.stopping:
+        return 124
+    return 0 if all(j.status == "done" for j in jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
