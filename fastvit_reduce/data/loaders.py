@@ -85,22 +85,24 @@ def read_classes(beton_path: str | Path) -> list[str] | None:
     return classes
 
 
-def check_beton(path: str | Path) -> str:
-    """Raise ``ConfigError`` unless ``path`` is a readable .beton with fields image and label."""
+def check_beton(path: str | Path) -> int:
+    """Number of samples in ``path``; raise ``ConfigError`` unless it is a readable .beton with
+    fields image (RGBImageField) and label (IntField)."""
     path = Path(path)
     if not str(path):
         raise ConfigError("no dataset given (empty .beton path)")
     if not path.is_file():
         raise ConfigError(f"dataset not found: {path}")
     try:
-        handlers = Reader(str(path)).handlers
+        reader = Reader(str(path))
     except Exception as e:  # noqa: BLE001 — ffcv raises assorted types on foreign files
         raise ConfigError(f"{path}: not a readable ffcv .beton file ({type(e).__name__}: {e})") from None
+    handlers = reader.handlers
     found = ", ".join(f"{k} ({type(v).__name__})" for k, v in handlers.items())
     if not (isinstance(handlers.get("image"), RGBImageField) and isinstance(handlers.get("label"), IntField)):
         raise ConfigError(f"{path}: expected fields image (RGBImageField) and label (IntField), "
                           f"found {found or 'none'}")
-    return str(path)
+    return int(reader.num_samples)
 
 
 def check_datasets(train_path: str | Path, val_path: str | Path) -> None:
@@ -205,7 +207,7 @@ def create_val_loader(path, batch_size: int, device, *, res: int, crop_pct: floa
     If a train loader was built in this process and both files have ``.classes.json`` next to
     them, the class lists must match.
     """
-    check_beton(path)
+    num_samples = check_beton(path)
     _check_batch(batch_size)
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r} (resolve 0 to the "
@@ -214,6 +216,9 @@ def create_val_loader(path, batch_size: int, device, *, res: int, crop_pct: floa
         _check_same_classes(_last_train_classes[0], _last_train_classes[1], path)
     if distributed:
         _require_process_group()
+        # why: ffcv's process cache crashes on an empty epoch (a rank gets no image when there are
+        # fewer val images than ranks); the OS cache handles it
+        in_memory = in_memory or num_samples < dist.get_world_size()
     device = _as_device(device)
     decoder = CenterCropRGBImageDecoder((_check_res(res),) * 2, ratio=float(crop_pct))
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=bool(in_memory),

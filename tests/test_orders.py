@@ -1,0 +1,184 @@
+"""Traversal orders: repeated augmentation (timm RepeatAugSampler semantics), padding-free val
+shards, install_order on a real ffcv Loader, and one real 2-process gloo run."""
+from __future__ import annotations
+
+import collections
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.compiler import Compiler
+
+from fastvit_reduce.data import orders
+from fastvit_reduce.data.orders import RepeatAugOrder, ShardedSequentialOrder, install_order
+
+
+def fake_loader(n: int, seed: int = 0, offset: int = 0):
+    """What a TraversalOrder reads from an ffcv Loader."""
+    return types.SimpleNamespace(indices=np.arange(offset, offset + n), seed=seed, distributed=False)
+
+
+def rank_orders(order_cls, n, world, epoch=0, seed=0, **kw):
+    loader = fake_loader(n, seed)
+    return [order_cls(loader, rank=r, world_size=world, **kw).sample_order(epoch) for r in range(world)]
+
+
+@pytest.mark.parametrize("n,world,repeats", [(50, 1, 3), (50, 2, 3), (37, 3, 3), (600, 4, 2), (10, 2, 1)])
+def test_repeat_aug_counts_and_epoch_length(n, world, repeats):
+    per_rank = rank_orders(RepeatAugOrder, n, world, repeats=repeats)
+    lengths = {len(o) for o in per_rank}
+    assert len(lengths) == 1, "all ranks must step in lock-step"
+    expected = (n // 256 * 256) // world if n >= 256 else -(-n // world)  # timm's num_selected
+    assert lengths == {expected}
+    # epoch length stays at about the dataset size, over all ranks
+    assert n - 256 < expected * world <= n + world - 1
+    counts = collections.Counter(np.concatenate(per_rank).tolist())
+    assert max(counts.values()) <= repeats
+    # all but the last one or two images taken have every copy in the epoch
+    assert sum(c == repeats for c in counts.values()) >= len(counts) - 2
+    for o in per_rank:  # copies of one image go to different ranks first
+        assert max(collections.Counter(o.tolist()).values()) <= -(-repeats // world)
+
+
+def test_repeat_aug_one_copy_per_rank_when_repeats_equal_world():
+    per_rank = rank_orders(RepeatAugOrder, 60, 3, repeats=3)
+    for o in per_rank:
+        assert len(set(o.tolist())) == len(o) == 20
+    assert set(per_rank[0].tolist()) == set(per_rank[1].tolist()) == set(per_rank[2].tolist())
+
+
+def test_repeat_aug_determinism_seed_and_epoch():
+    a = rank_orders(RepeatAugOrder, 100, 2, epoch=5, seed=7, repeats=3)
+    b = rank_orders(RepeatAugOrder, 100, 2, epoch=5, seed=7, repeats=3)
+    c = rank_orders(RepeatAugOrder, 100, 2, epoch=6, seed=7, repeats=3)
+    d = rank_orders(RepeatAugOrder, 100, 2, epoch=5, seed=8, repeats=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], d[0])
+
+
+def test_repeat_aug_maps_positions_through_loader_indices():
+    order = RepeatAugOrder(fake_loader(30, offset=1000), 3)
+    assert order.sample_order(0).min() >= 1000
+
+
+@pytest.mark.parametrize("n,world,repeats", [(50, 2, 3), (300, 3, 3), (1000, 4, 2), (7, 4, 3)])
+def test_repeat_aug_matches_timm_sampler(monkeypatch, n, world, repeats):
+    """Same dealing as timm's RepeatAugSampler once both shuffles are the identity."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    class Identity:
+        def __init__(self, seed):
+            pass
+
+        def permutation(self, k):
+            return np.arange(k)
+
+    monkeypatch.setattr(orders.np.random, "default_rng", Identity)
+    for rank in range(world):
+        ours = RepeatAugOrder(fake_loader(n), repeats, rank=rank, world_size=world).sample_order(0)
+        timm = RepeatAugSampler(range(n), num_replicas=world, rank=rank, shuffle=False, num_repeats=repeats)
+        assert ours.tolist() == list(timm)
+
+
+@pytest.mark.parametrize("n,world", [(50, 2), (7, 3), (2, 4), (64, 1)])
+def test_sharded_sequential_every_index_once(n, world):
+    per_rank = rank_orders(ShardedSequentialOrder, n, world)
+    assert sorted(np.concatenate(per_rank).tolist()) == list(range(n))
+    assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+
+
+def test_order_argument_errors():
+    with pytest.raises(ValueError, match="repeats"):
+        RepeatAugOrder(fake_loader(10), 0)
+    with pytest.raises(ValueError, match="rank"):
+        ShardedSequentialOrder(fake_loader(10), rank=2, world_size=2)
+    with pytest.raises(ValueError, match="both"):
+        ShardedSequentialOrder(fake_loader(10), rank=0)
+    distributed = types.SimpleNamespace(indices=np.arange(4), seed=0, distributed=True)
+    with pytest.raises(RuntimeError, match="process group"):
+        ShardedSequentialOrder(distributed)
+
+
+@pytest.fixture
+def no_jit():
+    """Run ffcv pipelines as plain Python (tiny images: instant, no numba compile)."""
+    before = Compiler.is_enabled
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(before)
+
+
+def test_install_order_drives_a_real_loader(tiny_beton, no_jit):
+    path = tiny_beton(n=30, num_classes=30)  # label == sample index
+    loader = Loader(path, batch_size=4, num_workers=1, order=OrderOption.RANDOM, seed=3,
+                    drop_last=False, pipelines={"image": None})
+    order = RepeatAugOrder(loader, 3)
+    install_order(loader, order)
+    assert len(loader) == 30 // 4 + 1
+    for epoch in (0, 1):
+        seen = [i for (label,) in loader for i in label.flatten().tolist()]  # tolist: buffers are reused
+        assert seen == order.sample_order(epoch).tolist()
+    with pytest.raises(TypeError):
+        install_order(loader, RepeatAugOrder)
+
+
+# ----------------------------------------------------------------------------- real 2 processes
+def _two_rank_worker(rank, world, path, init_file, out):
+    import torch.distributed as dist
+    from ffcv.pipeline.compiler import Compiler
+
+    from fastvit_reduce.data.loaders import create_train_loader, create_val_loader
+
+    Compiler.set_enabled(False)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cpu = torch.device("cpu")
+    val = create_val_loader(path, 5, cpu, res=16, crop_pct=1.0, num_workers=1, in_memory=1,
+                            distributed=True)
+    labels = [y.clone() for _, y in val]
+    # why all_reduce after the loop: shards differ in length, a per-batch collective would hang
+    stats = torch.tensor([float(sum(len(y) for y in labels)), float(len(labels))])
+    dist.all_reduce(stats[:1])
+    train = create_train_loader(path, 4, cpu, res=16, num_workers=1, in_memory=1, batches_ahead=1,
+                                drop_last=True, order="quasi_random", aug_repeats=2, seed=0,
+                                distributed=True, rrc_scale=[0.5, 1], rrc_ratio=[0.75, 1.33], hflip=1)
+    train_labels = torch.cat([y.clone() for _, y in train])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quasi = create_train_loader(path, 4, cpu, res=16, num_workers=1, in_memory=1,
+                                    batches_ahead=1, drop_last=True, order="quasi_random",
+                                    aug_repeats=1, seed=0, distributed=True, rrc_scale=[0.5, 1],
+                                    rrc_ratio=[0.75, 1.33], hflip=0)
+    fell_back = any("quasi_random" in str(w.message) for w in caught)
+    out.put((rank, torch.cat(labels).tolist(), int(stats[0]), len(val), train_labels.tolist(),
+             fell_back, len(quasi)))
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_val_once_and_repeat_aug(tmp_path, tiny_beton):
+    import torch.multiprocessing as mp
+
+    n = 21  # shards of 11 and 10 images: 3 vs 2 batches of 5, both ending in a partial batch
+    path = tiny_beton(n=n, num_classes=n, size=16)  # label == sample index
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_two_rank_worker, args=(r, 2, path, tmp_path / "init", out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get() for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    val_seen = results[0][1] + results[1][1]
+    assert sorted(val_seen) == list(range(n))  # every image once, no padding duplicates
+    assert results[0][2] == results[1][2] == n  # all-reduced count is the true count
+    assert (results[0][3], results[1][3]) == (3, 2)  # uneven batch counts did not hang
+    train0, train1 = results[0][4], results[1][4]
+    assert len(train0) == len(train1) == 8  # 11 positions per rank, drop_last with batch 4
+    counts = collections.Counter(train0 + train1)
+    assert max(counts.values()) <= 2
+    assert results[0][5] and results[1][5]  # quasi_random warned and fell back to random
+    assert results[0][6] == results[1][6] == 11 // 4  # DistributedSampler: ceil(21 / 2) each
