@@ -10,7 +10,6 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import timm
 import torch
 from fastargs import Param, Section, get_current_config
 from timm.models import clean_state_dict
@@ -20,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastvit_reduce.config import Choice, ConfigError, Number
-from fastvit_reduce.strategies import STRATEGIES, StrategyError, model_name, param_count, vit_blocks
+from fastvit_reduce.strategies import (STRATEGIES, StrategyError, model_name, param_count, timm_model,
+                                       vit_blocks)
 
 CHOICES = ("baseline", *STRATEGIES)
 KNOB_OWNERS = {k: [s.name for s in STRATEGIES.values() if k in s.knobs]
@@ -99,7 +99,7 @@ def create_model(name: str, strategy: str | None = None, checkpoint: str | Path 
         if checkpoint:
             load_checkpoint(model, checkpoint)
         return model
-    model = timm.create_model(name, **kwargs)
+    model = timm_model(name, **kwargs)
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return spec.apply(model, **knobs) if spec else model

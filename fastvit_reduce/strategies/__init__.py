@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import timm
 from timm.layers import Mlp
 from torch import nn
 
@@ -113,6 +114,17 @@ def vit_blocks(model: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
+def timm_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` with clear errors for an unknown name or arguments the model rejects."""
+    if not timm.is_model(name):
+        raise StrategyError(f"unknown timm model {name!r}")
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:  # e.g. a ResNet given img_size
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise StrategyError(f"timm cannot build {name} with {args}: {e} (MLP strategies need a timm ViT)") from None
+
+
 def param_count(model: nn.Module) -> int:
     """Number of unique parameters (a tensor shared by several blocks counts once)."""
     return sum(p.numel() for p in model.parameters())
@@ -135,4 +147,4 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 __all__ = ["STRATEGIES", "Strategy", "StrategyError", "Knob", "check_knobs", "round_width",
-           "vit_blocks", "param_count", "model_name", "apply_thin", "apply_shallow", "apply_grouped"]
+           "vit_blocks", "timm_model", "param_count", "model_name", "apply_thin", "apply_shallow", "apply_grouped"]

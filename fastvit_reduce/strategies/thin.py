@@ -5,13 +5,12 @@ allocated (only a ``meta``-device copy, to learn the embed dim and the baseline 
 """
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 
 from fastvit_reduce.config import Number
 from fastvit_reduce.strategies import (Knob, StrategyError, check_knobs, log, millions, param_count,
-                                       round_width, vit_blocks)
+                                       round_width, timm_model, vit_blocks)
 
 KNOBS = {
     "mlp_ratio": Knob(2.0, Number(float, 0, lo_open=True), "MLP hidden width / embed dim (timm's ViTs use 4.0)"),
@@ -28,7 +27,7 @@ def apply_thin(name: str, mlp_ratio: float = 2.0, round_to: int = 1, **timm_kwar
     knobs = check_knobs("thin", KNOBS, dict(mlp_ratio=mlp_ratio, round_to=round_to))
     meta_kwargs = {k: v for k, v in timm_kwargs.items() if k != "pretrained"}
     with torch.device("meta"):  # why: shapes and sizes only, no memory, no init cost
-        full = timm.create_model(name, **meta_kwargs)
+        full = timm_model(name, **meta_kwargs)
     blocks = vit_blocks(full)
     dim, old = blocks[0].mlp.fc1.in_features, blocks[0].mlp.fc1.out_features
     hidden = round_width(knobs["mlp_ratio"] * dim, knobs["round_to"])
@@ -36,7 +35,7 @@ def apply_thin(name: str, mlp_ratio: float = 2.0, round_to: int = 1, **timm_kwar
         raise StrategyError(f"thin: mlp_ratio {knobs['mlp_ratio']} (round_to {knobs['round_to']}) gives "
                             f"hidden width {hidden}, which {name} already has: nothing would change")
     # why +0.5: timm truncates int(dim * mlp_ratio); this ratio truncates to exactly `hidden`.
-    model = timm.create_model(name, mlp_ratio=(hidden + 0.5) / dim, **timm_kwargs)
+    model = timm_model(name, mlp_ratio=(hidden + 0.5) / dim, **timm_kwargs)
     widths = {b.mlp.fc1.out_features for b in vit_blocks(model)}
     if widths != {hidden}:
         raise StrategyError(f"thin: {name} built MLP widths {sorted(widths)}, expected {hidden}")
