@@ -1,0 +1,467 @@
+"""RandAugment on a whole batch of images, on the device, with timm's semantics.
+
+Why not timm's own: timm's RandAugment works on one PIL image at a time in the data workers,
+which ffcv's pipeline has no place for (and timm 1.0.31's version crashes with Pillow 13, see
+posterize below). This module runs the same policy on the uint8 (B, 3, H, W) batch after it
+reaches the device.
+
+What "the same policy" means here (timm 1.0.31 ``rand_augment_transform``, read, not guessed):
+
+* spec strings ``rand-m9-mstd0.5-inc1``, ``rand-m9-n3-mstd0.5``, ``rand-m7-mmax10``,
+  ``rand-m9-tweights``, ``rand-m9-w0`` (the pre-1.0 timm weighted choice), ``-p0.5``;
+* the op set ``_RAND_TRANSFORMS`` / ``_RAND_INCREASING_TRANSFORMS`` (``inc1``), each image draws
+  ``n`` ops (uniform with replacement; weighted sets without replacement, as
+  ``np.random.choice`` does), each applied with probability ``p`` (0.5);
+* magnitude per (image, op): ``m``, or ``gauss(m, mstd)``, or ``uniform(0, m)`` when mstd > 100,
+  clipped to ``[0, mmax or 10]``; timm's level → argument mapping with ``_LEVEL_DENOM = 10`` and a
+  random sign for signed ops; ``translate_pct`` 0.45 of the image side; fill = the dataset mean
+  in 0..255, as timm's ``create_transform`` passes ``img_mean`` (ImageNet: 124, 116, 104).
+
+Where we differ, and why:
+
+* geometry (Rotate, ShearX/Y, TranslateX/YRel) is always **bilinear** via one
+  ``affine_grid``/``grid_sample`` per layer; timm picks PIL BILINEAR or BICUBIC at random per op.
+  PIL's affine bicubic uses a = -1 and torch's a = -0.75, so we would not match it anyway;
+  bilinear matches PIL's BILINEAR to rounding (see tests/test_randaugment.py for the numbers).
+* ``PosterizeIncreasing`` at magnitude 10 (and ``Posterize`` below magnitude 2.5) asks for 0 bits
+  (negative with mmax > 10). Pillow < 13 returned a black image; Pillow 13 raises. We return
+  black, timm's old meaning, and never raise.
+
+Pixel arithmetic follows PIL (ImageEnhance, ImageOps, Image.transform): with a uint8 input
+every op's output is truncated/rounded to integers the way PIL does, so results stay within
+about a grey level of timm's; float input in [0, 255] is processed without that quantisation,
+except that Equalize and AutoContrast (defined by PIL on 256-bin histograms) read the integer
+grey level ``floor(x)``.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+_LEVEL_DENOM = 10.0  # timm: 'M' magnitude scale → fraction of each op's range
+
+# timm 1.0.31 auto_augment._RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS (same order)
+RAND_TRANSFORMS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
+    "TranslateYRel",
+)
+RAND_INCREASING_TRANSFORMS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+    "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
+# timm 1.0.31 _RAND_WEIGHTED_0 (spec '-tweights'): always the increasing ops, whatever 'inc' says
+RAND_WEIGHTED_0 = {
+    "Rotate": 3, "ShearX": 2, "ShearY": 2, "TranslateXRel": 1, "TranslateYRel": 1,
+    "ColorIncreasing": .25, "SharpnessIncreasing": 0.25, "AutoContrast": 0.25,
+    "SolarizeIncreasing": .05, "SolarizeAdd": .05, "ContrastIncreasing": .05,
+    "BrightnessIncreasing": .05, "Equalize": .05, "PosterizeIncreasing": 0.05, "Invert": 0.05,
+}
+# timm < 1.0 _RAND_CHOICE_WEIGHTS_0 (spec '-w0', removed from timm 1.0): positional weights
+# over the chosen op list (the inc0 or inc1 list, both in the order above).
+RAND_CHOICE_WEIGHTS_0 = (0.025, 0.005, 0, 0.3, 0, 0.005, 0.005, 0.025, 0.005, 0.005, 0.025,
+                         0.2, 0.2, 0.1, 0.1)
+
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+SIGNED_OPS = GEOMETRIC_OPS + ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                              "SharpnessIncreasing")
+
+
+# ----------------------------------------------------------------------------- magnitude → argument
+def level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor,
+                 translate_pct: float = 0.45) -> torch.Tensor | None:
+    """timm's ``LEVEL_TO_ARG[name]`` for a (b,) float64 tensor of magnitudes and ±1 signs.
+
+    The expressions keep timm's order of operations so that float64 results are identical.
+    """
+    frac = level / _LEVEL_DENOM
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return None
+    if name == "Rotate":
+        return sign * (frac * 30.0)  # degrees, [-30, 30]
+    if name in ("ShearX", "ShearY"):
+        return sign * (frac * 0.3)  # shear factor, [-0.3, 0.3]
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return sign * (frac * translate_pct)  # fraction of the image side
+    if name == "Posterize":
+        return torch.trunc(frac * 4)  # bits kept, 0..4
+    if name == "PosterizeIncreasing":
+        return 4 - torch.trunc(frac * 4)  # bits kept, 4..0 (negative with mmax > 10)
+    if name == "Solarize":
+        return torch.trunc(frac * 256).clamp(max=256)  # threshold
+    if name == "SolarizeIncreasing":
+        return 256 - torch.trunc(frac * 256).clamp(max=256)
+    if name == "SolarizeAdd":
+        return torch.trunc(frac * 110).clamp(max=128)  # added to pixels < 128
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return frac * 1.8 + 0.1  # enhance factor, [0.1, 1.9]
+    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                "SharpnessIncreasing"):
+        return (1.0 + sign * (frac * 0.9)).clamp(min=0.1)  # 1 ± 0.9, kept >= 0.1
+    raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+# ----------------------------------------------------------------------------- PIL-like pixel ops
+# Each takes x: float32 (b, 3, H, W) in [0, 255] and arg: float32 (b,) on x's device, and
+# `q` = quantise like PIL's uint8 output; returns a new float32 tensor.
+def _per_image(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _blend(degenerate, x, factor, q):
+    # PIL Image.blend(degenerate, x, factor): degenerate + factor * (x - degenerate) in float32,
+    # clipped, then truncated to uint8 by a C cast
+    out = (degenerate + _per_image(factor) * (x - degenerate)).clamp_(0, 255)
+    return out.floor_() if q else out
+
+
+def _grey(x, q):
+    # PIL convert("L"): (R*19595 + G*38470 + B*7471 + 0x8000) >> 16; exact in float32 for ints
+    lum = (x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471) / 65536  # (b, 1, H, W)
+    return torch.floor(lum + 0.5) if q else lum
+
+
+def _color(x, f, q):
+    return _blend(_grey(x, q), x, f, q)  # ImageEnhance.Color: blend with the grey image
+
+
+def _contrast(x, f, q):
+    # ImageEnhance.Contrast: blend with a flat image at the grey mean, int(mean + 0.5)
+    mean = _grey(x, q).mean(dim=(1, 2, 3), dtype=torch.float64)
+    mean = torch.floor(mean + 0.5) if q else mean
+    return _blend(_per_image(mean.float()), x, f, q)
+
+
+def _brightness(x, f, q):
+    return _blend(torch.zeros_like(x), x, f, q)  # ImageEnhance.Brightness: blend with black
+
+
+def _sharpness(x, f, q):
+    # ImageEnhance.Sharpness: blend with PIL's SMOOTH filter, kernel [[1,1,1],[1,5,1],[1,1,1]]/13
+    # rounded to uint8, which leaves a 1-pixel border as is. Computed as (3x3 sum + 4 * centre)
+    # / 13; a multiple of 1/13 is never a tie, so rounding agrees with PIL's float kernel sum.
+    degenerate = x.clone()
+    if min(x.shape[-2:]) > 2:
+        smooth = (F.avg_pool2d(x, 3, stride=1) * 9 + 4 * x[:, :, 1:-1, 1:-1]) / 13
+        degenerate[:, :, 1:-1, 1:-1] = torch.floor(smooth + 0.5) if q else smooth
+    return _blend(degenerate, x, f, q)
+
+
+def _posterize(x, bits, q):
+    # ImageOps.posterize: keep the top `bits` bits; bits >= 8 is a no-op in timm; bits <= 0 gives
+    # black (Pillow < 13's result; Pillow 13 raises ValueError)
+    step = _per_image(torch.exp2((8 - bits).clamp(0, 8)))  # 2 ** (8 - bits), 256 = all black
+    out = torch.floor(x / step) * step
+    return torch.where(_per_image(bits >= 8), x, out)
+
+
+def _solarize(x, thresh, q):
+    return torch.where(x < _per_image(thresh), x, 255 - x)  # ImageOps.solarize
+
+
+def _solarize_add(x, add, q):
+    # timm solarize_add: pixels below 128 get `add`, capped at 255
+    return torch.where(x < 128, (x + _per_image(add)).clamp_(max=255), x)
+
+
+def _invert(x, arg, q):
+    return 255 - x
+
+
+def _histogram(x):
+    """Per-channel 256-bin histograms of floor(x): (b, 3, 256) int64, and the bin index map."""
+    b, c = x.shape[:2]
+    index = x.reshape(b, c, -1).long().clamp_(0, 255)  # (b, 3, H*W); .long() floors x >= 0
+    offset = torch.arange(b * c, device=x.device).view(b, c, 1) * 256
+    hist = torch.bincount((index + offset).view(-1), minlength=b * c * 256).view(b, c, 256)
+    return hist, index
+
+
+def _apply_lut(x, lut, index):
+    return torch.gather(lut.float(), 2, index).view_as(x)
+
+
+def _equalize(x, arg, q):
+    # ImageOps.equalize, per channel: step = (count - count of the highest grey level) // 255,
+    # lut[i] = (step // 2 + #pixels below i) // step; identity if <= 1 level is used or step == 0
+    hist, index = _histogram(x)
+    used = hist > 0
+    top = 255 - used.flip(-1).int().argmax(-1, keepdim=True)  # highest used level
+    step = (hist.sum(-1, keepdim=True) - hist.gather(-1, top)) // 255
+    below = hist.cumsum(-1) - hist
+    lut = ((step // 2 + below) // step.clamp(min=1)).clamp_(0, 255)  # Pillow's point() clips
+    keep = (used.sum(-1, keepdim=True) <= 1) | (step == 0)
+    identity = torch.arange(256, device=x.device).expand_as(lut)
+    return _apply_lut(x, torch.where(keep, identity, lut), index)
+
+
+def _auto_contrast(x, arg, q):
+    # ImageOps.autocontrast (cutoff 0), per channel: lut[i] = int(i * scale + offset) in float64
+    # with scale = 255 / (hi - lo), offset = -lo * scale; identity if hi <= lo
+    hist, index = _histogram(x)
+    used = hist > 0
+    lo = used.int().argmax(-1, keepdim=True).double()
+    hi = (255 - used.flip(-1).int().argmax(-1, keepdim=True)).double()
+    # why tensor / tensor: torch computes scalar / tensor as scalar * reciprocal, 1 ulp off PIL
+    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)
+    levels = torch.arange(256, device=x.device, dtype=torch.float64)
+    lut = torch.trunc(levels * scale + (-lo * scale)).clamp_(0, 255)
+    return _apply_lut(x, torch.where(hi <= lo, levels, lut), index)
+
+
+_PIXEL_OPS = {
+    "AutoContrast": _auto_contrast, "Equalize": _equalize, "Invert": _invert,
+    "Posterize": _posterize, "PosterizeIncreasing": _posterize,
+    "Solarize": _solarize, "SolarizeIncreasing": _solarize, "SolarizeAdd": _solarize_add,
+    "Color": _color, "ColorIncreasing": _color, "Contrast": _contrast,
+    "ContrastIncreasing": _contrast, "Brightness": _brightness, "BrightnessIncreasing": _brightness,
+    "Sharpness": _sharpness, "SharpnessIncreasing": _sharpness,
+}
+OP_NAMES = tuple(_PIXEL_OPS) + GEOMETRIC_OPS
+
+
+# ----------------------------------------------------------------------------- geometry
+def _pil_affine(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(b, 3, 3) float64 matrices in PIL's convention: output pixel centre (x+.5, y+.5) → input.
+
+    Same matrices as timm's shear_x/shear_y/translate_*_rel (about the top-left corner) and
+    PIL's Image.rotate (about (w/2, h/2), counter-clockwise for positive degrees).
+    """
+    m = torch.eye(3, dtype=torch.float64).repeat(len(arg), 1, 1)
+    if name == "ShearX":
+        m[:, 0, 1] = arg
+    elif name == "ShearY":
+        m[:, 1, 0] = arg
+    elif name == "TranslateXRel":
+        m[:, 0, 2] = arg * w  # timm: pixels = pct * img.size[0]
+    elif name == "TranslateYRel":
+        m[:, 1, 2] = arg * h
+    elif name == "Rotate":
+        angle = -torch.deg2rad(arg)
+        cos, sin = torch.cos(angle).round(decimals=15), torch.sin(angle).round(decimals=15)
+        cx, cy = w / 2, h / 2
+        m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
+        m[:, 0, 2] = cos * -cx + sin * -cy + cx
+        m[:, 1, 2] = -sin * -cx + cos * -cy + cy
+    else:
+        raise ValueError(f"{name!r} is not a geometric op")
+    return m
+
+
+def _warp(x: torch.Tensor, pil_matrix: torch.Tensor, fill: torch.Tensor, q: bool) -> torch.Tensor:
+    """Apply (b, 3, 3) PIL-convention affine maps with bilinear sampling, like PIL's transform.
+
+    PIL samples with edge clamping but paints ``fill`` wherever the sample point itself falls
+    outside the input, so: grid_sample with border padding, then fill by that mask.
+    """
+    b, _, h, w = x.shape
+    to_norm = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=torch.float64)
+    from_norm = torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]], dtype=torch.float64)
+    theta = (to_norm @ pil_matrix @ from_norm)[:, :2].to(x.device, torch.float32)  # (b, 2, 3)
+    grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)  # (b, H, W, 2) in [-1, 1]
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if q:
+        # PIL truncates its bilinear result; float32 weights can sum to 1 - 1e-7, which would
+        # truncate flat areas one level down, hence the small lift
+        out = torch.floor(out + 1e-3)
+    # "outside" exactly as PIL decides it, in float64 pixel units (why: a shift of exactly half
+    # the image, e.g. 0.405 * 300 px, must fill the same edge row as PIL does)
+    m = pil_matrix[:, :2].reshape(b, 6, 1, 1).to(x.device).unbind(1)
+    xs = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w) + 0.5
+    ys = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1) + 0.5
+    u, v = m[0] * xs + m[1] * ys + m[2], m[3] * xs + m[4] * ys + m[5]  # (b, H, W)
+    inside = ((u >= 0) & (u < w) & (v >= 0) & (v < h)).unsqueeze(1)  # (b, 1, H, W)
+    return torch.where(inside, out, fill.view(1, 3, 1, 1))
+
+
+# ----------------------------------------------------------------------------- spec parsing
+def parse_spec(spec: str) -> dict:
+    """Parse a timm RandAugment spec (``rand-m9-mstd0.5-inc1``) into its settings.
+
+    Returns ``dict(ops, weights, n, magnitude, magnitude_std, magnitude_max, prob)`` with timm's
+    defaults (m 10, n 2, p 0.5, mstd 0, mmax None = 10, inc 0). Raises ValueError naming the bad
+    part; unlike timm, a section without a number is an error rather than silently ignored.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("RandAugment spec is empty: use e.g. 'rand-m9-mstd0.5-inc1'")
+    parts = spec.strip().split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"RandAugment spec {spec!r} must start with 'rand-'")
+    numeric = {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int, "w": int}
+    values, transforms = {}, None
+    for part in parts[1:]:
+        if part.startswith("t"):
+            transforms = transforms or part[1:]  # timm: the first 't' section wins
+            continue
+        match = re.fullmatch(r"(\D*)(\d.*)", part)  # timm: re.split(r'(\d.*)', part)
+        key = match.group(1) if match else part
+        if key not in numeric:
+            raise ValueError(f"RandAugment spec {spec!r}: unknown section {part!r} "
+                             "(known: m, n, p, mstd, mmax, inc, w0, t<set>)")
+        try:
+            value = numeric[key](match.group(2))
+        except ValueError:
+            raise ValueError(f"RandAugment spec {spec!r}: bad number in section {part!r}") from None
+        if key in ("mstd", "mmax") and key in values:
+            continue  # timm sets these with dict.setdefault: the first occurrence wins
+        values[key] = value
+
+    mstd = values.get("mstd", 0.0)
+    out = dict(magnitude=float(values.get("m", _LEVEL_DENOM)), n=values.get("n", 2),
+               prob=values.get("p", 0.5), magnitude_max=values.get("mmax"),
+               magnitude_std=math.inf if mstd > 100 else mstd)  # timm: > 100 = uniform in [0, m]
+    ops = RAND_INCREASING_TRANSFORMS if values.get("inc", 0) else RAND_TRANSFORMS
+    weights = None
+    if transforms is not None:
+        if transforms != "weights":
+            raise ValueError(f"RandAugment spec {spec!r}: transform set {transforms!r} is not "
+                             "supported (only 'tweights'; timm's '3a'/'3aw' are not implemented)")
+        ops, weights = tuple(RAND_WEIGHTED_0), tuple(RAND_WEIGHTED_0.values())
+    elif "w" in values:
+        if values["w"] != 0:
+            raise ValueError(f"RandAugment spec {spec!r}: only weight set w0 exists")
+        weights = RAND_CHOICE_WEIGHTS_0
+    if not 0 <= out["prob"] <= 1:
+        raise ValueError(f"RandAugment spec {spec!r}: p must be in [0, 1]")
+    if weights is not None and out["n"] > sum(w > 0 for w in weights):
+        raise ValueError(f"RandAugment spec {spec!r}: weighted choice draws ops without "
+                         f"replacement, so n must be <= {sum(w > 0 for w in weights)}")
+    out.update(ops=tuple(ops), weights=weights)
+    return out
+
+
+# ----------------------------------------------------------------------------- the transform
+def _check_images(images) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"RandAugment expects a (B, 3, H, W) image tensor, got {shape}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"RandAugment expects uint8 or float images in [0, 255], got {images.dtype}")
+
+
+def _apply_ops(work: torch.Tensor, names: list[str], rows: list[torch.Tensor],
+               args: list[torch.Tensor | None], fill: torch.Tensor, q: bool) -> None:
+    """Apply op ``names[k]`` with per-image ``args[k]`` to images ``rows[k]`` of ``work``, in place.
+
+    The rows of different ops must not overlap (one layer). All geometric ops share one warp.
+    """
+    warp_rows, warp_mats = [], []
+    h, w = work.shape[-2:]
+    for name, idx, arg in zip(names, rows, args):
+        if name in GEOMETRIC_OPS:
+            warp_rows.append(idx)
+            warp_mats.append(_pil_affine(name, arg, h, w))
+            continue
+        arg = None if arg is None else arg.to(work.device, torch.float32)
+        work.index_copy_(0, idx, _PIXEL_OPS[name](work.index_select(0, idx), arg, q))
+    if warp_rows:
+        idx = torch.cat(warp_rows)
+        work.index_copy_(0, idx, _warp(work.index_select(0, idx), torch.cat(warp_mats), fill, q))
+
+
+def _finish(work: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    # empty_like keeps the input's memory format (e.g. channels_last) and dtype
+    return torch.empty_like(images).copy_(work)
+
+
+def apply_op(images: torch.Tensor, name: str, magnitude: float, *, negate: bool = False,
+             fill=(124, 116, 104), translate_pct: float = 0.45) -> torch.Tensor:
+    """Apply one named timm RandAugment op at a fixed magnitude to every image (for tests/demos).
+
+    ``negate`` picks the negative branch of timm's random sign (signed ops only).
+    """
+    _check_images(images)
+    if name not in OP_NAMES:
+        raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(OP_NAMES)}")
+    b = images.shape[0]
+    level = torch.full((b,), float(magnitude), dtype=torch.float64)
+    sign = torch.full((b,), -1.0 if negate else 1.0, dtype=torch.float64)
+    work = images.float().contiguous()
+    rows = torch.arange(b, device=images.device)
+    fill_t = torch.tensor(fill, dtype=torch.float32, device=images.device)
+    _apply_ops(work, [name], [rows], [level_to_arg(name, level, sign, translate_pct)], fill_t,
+               q=images.dtype == torch.uint8)
+    return _finish(work, images)
+
+
+class BatchRandAugment:
+    """timm RandAugment (``rand-m9-mstd0.5-inc1`` …) applied to a whole (B, 3, H, W) batch.
+
+    Each image draws its own ``n`` ops, apply coins, magnitudes and signs (from ``generator``
+    if given, else torch's global RNG, always on the CPU so results do not depend on the
+    device); then, for each of the ``n`` layers, the images are grouped by op and each op runs
+    once on its group (colour ops as tensor arithmetic, Equalize/AutoContrast via batched
+    histograms, all geometric ops in one ``grid_sample``): no Python loop over images.
+
+    ``fill`` is the colour of pixels uncovered by Rotate/Shear/Translate, 0..255 per channel
+    (timm: the dataset mean; ImageNet's is (124, 116, 104)). ``translate_pct``: timm's 0.45.
+    See the module docstring for where this differs from timm's PIL implementation.
+    """
+
+    def __init__(self, spec: str, fill=(124, 116, 104), translate_pct: float = 0.45):
+        cfg = parse_spec(spec)
+        self.spec = spec
+        self.ops: tuple[str, ...] = cfg["ops"]
+        self.weights = None if cfg["weights"] is None else \
+            torch.tensor(cfg["weights"], dtype=torch.float64)
+        self.n: int = cfg["n"]
+        self.magnitude: float = cfg["magnitude"]
+        self.magnitude_std: float = cfg["magnitude_std"]
+        self.magnitude_max = cfg["magnitude_max"]
+        self.prob: float = cfg["prob"]
+        if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
+            raise ValueError(f"fill must be 3 values in 0..255, got {fill!r}")
+        self.fill = tuple(float(v) for v in fill)
+        self.translate_pct = float(translate_pct)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None):
+        """Draw every image's choices: ``op`` (B, n) int64 indices into ``self.ops``,
+        ``apply`` (B, n) bool, ``level`` (B, n) float64 clipped magnitudes, ``sign`` (B, n) ±1."""
+        shape, g = (batch_size, self.n), generator
+        if self.weights is None:
+            op = torch.randint(len(self.ops), shape, generator=g)  # uniform, with replacement
+        else:  # np.random.choice(replace=False, p=weights) in timm
+            op = torch.multinomial(self.weights.expand(batch_size, -1), self.n,
+                                   replacement=False, generator=g)
+        apply = torch.rand(shape, generator=g, dtype=torch.float64) < self.prob
+        if self.magnitude_std == math.inf:  # timm: uniform(0, m)
+            level = torch.rand(shape, generator=g, dtype=torch.float64) * self.magnitude
+        elif self.magnitude_std > 0:  # timm: gauss(m, mstd)
+            level = self.magnitude + self.magnitude_std * torch.randn(
+                shape, generator=g, dtype=torch.float64)
+        else:
+            level = torch.full(shape, self.magnitude, dtype=torch.float64)
+        level = level.clamp(0.0, self.magnitude_max or _LEVEL_DENOM)  # timm's upper bound
+        sign = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) > 0.5, -1.0, 1.0)
+        return op, apply, level, sign
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment ``images`` (uint8 or float in [0, 255], (B, 3, H, W), any device and memory
+        format); returns a new tensor of the same dtype, shape and memory format."""
+        _check_images(images)
+        b = images.shape[0]
+        op, apply, level, sign = self.sample(b, generator)
+        if b == 0 or not apply.any():
+            return images.clone()
+        work = images.float().contiguous()  # (B, 3, H, W) float32 working copy
+        fill = torch.tensor(self.fill, dtype=torch.float32, device=images.device)
+        for layer in range(self.n):
+            names, rows, args = [], [], []
+            for k, name in enumerate(self.ops):
+                chosen = ((op[:, layer] == k) & apply[:, layer]).nonzero().squeeze(1)  # CPU
+                if len(chosen):
+                    names.append(name)
+                    rows.append(chosen.to(images.device))
+                    args.append(level_to_arg(name, level[chosen, layer], sign[chosen, layer],
+                                             self.translate_pct))
+            _apply_ops(work, names, rows, args, fill, q=images.dtype == torch.uint8)
+        return _finish(work, images)
+
+    def __repr__(self) -> str:
+        return (f"BatchRandAugment({self.spec!r}: n={self.n}, m={self.magnitude}, "
+                f"mstd={self.magnitude_std}, mmax={self.magnitude_max}, p={self.prob}, "
+                f"ops={len(self.ops)}{', weighted' if self.weights is not None else ''})")
