@@ -19,7 +19,8 @@ so a run is exactly what you would get by hand, and its folder is ``OUT/<config 
 * Re-running the same command skips runs whose ``final.json`` says ``completed`` and restarts
   the others, which resume from their ``last.pt`` (the trainer's auto-resume). A finished run is
   never re-trained: delete its folder to redo it with other settings.
-* At the end it writes ``OUT/sweep_summary.{csv,md,png}`` (``fastvit_reduce.report``).
+* At the end it writes ``OUT/sweep_summary.{csv,md,png}`` (``fastvit_reduce.report``): this
+  sweep's runs in config order, then any other run folders already in ``OUT``.
 
 Slurm (``--slurm``): instead of running, writes ``OUT/slurm/<stem>.sbatch`` per config — one
 ``srun`` task per node launching ``torchrun --nnodes=$SLURM_NNODES --nproc_per_node=K`` with a c10d
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -63,6 +65,7 @@ class Job:
     gpus: list[str] = field(default_factory=list)
     port: int | None = None
     start: float = 0.0
+    log_offset: int = 0                # where this attempt's output starts in the (appended) log
 
 
 # ----------------------------------------------------------------------------- building commands
@@ -98,26 +101,49 @@ def torchrun_command(job: Job, out: Path, overrides: list[str], nproc: int, port
             "-m", "fastvit_reduce.cli", "train"] + train_args(job, out, overrides)
 
 
-def last_error_line(log: Path) -> str:
-    """The last ``error: ...`` / ``...Error: ...`` line of a log, to show in the summary."""
-    if not log.is_file():
-        return ""
-    lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
-    for line in reversed(lines):
-        text = line.strip()
-        if text.startswith("error:") or ("Error: " in text and not text.startswith("torch.")):
+def attempt_output(job: Job) -> list[str]:
+    """Lines this attempt wrote to the job's log (earlier attempts are above ``log_offset``)."""
+    if not job.log.is_file():
+        return []
+    with open(job.log, "rb") as f:
+        f.seek(job.log_offset)
+        text = f.read().decode(errors="replace")
+    return [t.strip() for t in text.replace("\r", "\n").splitlines()]
+
+
+def last_error_line(lines: list[str]) -> str:
+    """The last ``error: ...`` (plus its first detail line) or ``...Error: ...`` line."""
+    for i in range(len(lines) - 1, -1, -1):
+        text = lines[i]
+        if text.startswith("error:"):
+            if text.endswith(":") and i + 1 < len(lines):  # "error: configuration error:" + the key
+                text += " " + lines[i + 1]
+            return text[:200]
+        if "Error: " in text and not text.startswith("torch."):
             return text[:200]
     return ""
 
 
+def trainer_exit_code(lines: list[str], torchrun_code: int | None) -> int | None:
+    """The trainer's own exit code: torchrun exits 1 for any failed worker but logs
+    ``failed (exitcode: N)``, so 2 (config error) and 124 (preempted) stay visible."""
+    for line in reversed(lines):
+        m = re.search(r"failed \(exitcode: (-?\d+)\)", line)
+        if m:
+            return int(m.group(1))
+    return torchrun_code
+
+
 def finish_status(job: Job) -> str:
-    """Summary status of a job from its exit code and its run folder (torchrun's own exit code is
-    1 for any worker failure, so ``final.json`` and ``last.pt`` tell what really happened)."""
+    """Summary status of a finished job, from its run folder (``final.json``, ``last.pt``) and log."""
     if is_complete(job.run_dir):
         return "done"
+    lines = attempt_output(job)
+    code = trainer_exit_code(lines, job.returncode)
     resumable = " — re-run the sweep to resume from last.pt" if (job.run_dir / "last.pt").is_file() else ""
-    why = last_error_line(job.log)
-    return f"failed (exit {job.returncode})" + (f": {why}" if why else "") + resumable
+    why = last_error_line(lines)
+    what = "preempted" if code == 124 else "failed"
+    return f"{what} (exit {code})" + (f": {why}" if why else "") + resumable
 
 
 # ----------------------------------------------------------------------------- running
@@ -141,6 +167,7 @@ class Runner:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
         cmd = torchrun_command(job, self.out, self.overrides, self.nproc, job.port)
         job.log.parent.mkdir(parents=True, exist_ok=True)
+        job.log_offset = job.log.stat().st_size if job.log.is_file() else 0
         resuming = " (resuming from last.pt)" if (job.run_dir / "last.pt").is_file() else ""
         where = f"GPU {','.join(slot)}" if slot else "CPU"
         print(f"sweep: start {job.name}{resuming} on {where} — log {job.log}", flush=True)
@@ -274,8 +301,9 @@ def submit(scripts: list[Path]) -> int:
 
 
 # ----------------------------------------------------------------------------- summary and CLI
-def summary_rows(jobs: list[Job]) -> list[dict]:
-    """One report row per job, in config order; jobs without a readable run folder get a bare row."""
+def summary_rows(jobs: list[Job], out: Path) -> list[dict]:
+    """Report rows: this sweep's jobs in config order (a job without a readable run folder gets a
+    bare row with its status and log), then any other run folders already in ``out``."""
     rows = []
     for job in jobs:
         try:
@@ -285,6 +313,13 @@ def summary_rows(jobs: list[Job]) -> list[dict]:
             row.update(experiment=job.name, knobs="", run_dir=str(job.run_dir))
         row["status"], row["log"] = job.status, str(job.log)
         rows.append(row)
+    ours = {job.run_dir.resolve() for job in jobs}
+    for run in sorted(out.iterdir()):
+        if run.is_dir() and run.resolve() not in ours and report.is_run_dir(run):
+            try:
+                rows.append(report.load_run(run))
+            except report.ReportError:
+                continue  # a folder the trainer left empty: nothing to compare
     return rows
 
 
@@ -376,7 +411,7 @@ def main(argv: list[str]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     print(f"\nsweep: {len(todo)} run(s) in {time.time() - started:.0f} s; summary in {out}/sweep_summary.*\n")
-    print(report.write_summary(summary_rows(jobs), out), end="")
+    print(report.write_summary(summary_rows(jobs, out), out), end="")
     if (out / "sweep_summary.png").is_file():
         print(f"\nplot: {out / 'sweep_summary.png'}")
     if runner.stopping:

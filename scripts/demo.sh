@@ -29,7 +29,7 @@ train=("$OUT"/betons/train_*.beton) val=("$OUT"/betons/val_*.beton)
 if [ ${#train[@]} -eq 1 ] && [ ${#val[@]} -eq 1 ]; then
     echo "demo: reusing ${train[0]} and ${val[0]}"
 else
-    rm -rf "$OUT/betons"
+    rm -rf "$OUT/betons" && mkdir -p "$OUT/betons"
     IMAGENET_DIR="$OUT/sample" WRITE_DIR="$OUT/betons" bash scripts/write_imagenet.sh "$RES" 0.50 90
     train=("$OUT"/betons/train_*.beton) val=("$OUT"/betons/val_*.beton)
 fi

@@ -12,8 +12,8 @@ from fastvit_reduce import report
 def fake_run(root, name, strategy, params, top1, ema=None, completed=True, final=True, knobs=None):
     run = root / name
     run.mkdir(parents=True)
-    (run / "params.json").write_text(json.dumps(
-        {"reduction.strategy": strategy, **{f"reduction.{k}": v for k, v in (knobs or {}).items()}}))
+    config = {"reduction.strategy": strategy, **{f"reduction.{k}": v for k, v in (knobs or {}).items()}}
+    (run / "params.json").write_text(json.dumps({"config": config, "world_size": 1}))  # trainer's layout
     log = [dict(epoch=e, train_loss=2.0 - e, top_1=top1 - 5 + 5 * e, top_5=90.0,
                 ema_top_1=ema, epoch_time_s=30.0) for e in range(2)]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"epoch": 2, "top')

@@ -8,10 +8,49 @@ import stat
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from fastvit_reduce import sweep
-from tests.conftest import TINY_VIT
+
+SAMPLE_CONFIGS = Path(__file__).resolve().parents[1] / "rn_configs" / "sample"
+# the demo's configs shrunk to a 1-epoch, 32 px, 4-class run on the tiny_beton fixture's data
+TINY = ["model.img_size=32", "model.num_classes=4", "training.epochs=1", "training.batch_size=16",
+        "validation.batch_size=16", "data.num_workers=1", "data.rrc_scale=0.35,1", "resolution.min_res=32",
+        "resolution.max_res=32"]
+
+
+def test_cpu_sweep_reports_every_run_survives_a_bad_config_and_skips_finished(tmp_path, tiny_beton, capsys):
+    train = tiny_beton("train.beton", n=64, num_classes=4, size=48)
+    val = tiny_beton("val.beton", n=16, num_classes=4, size=48, seed=1)
+    (tmp_path / "broken.yaml").write_text(f"base: {SAMPLE_CONFIGS / 'baseline.yaml'}\n"
+                                          "training:\n  epochz: 1\n")  # misspelled key
+    (tmp_path / "thin.yaml").write_text(f"base: {SAMPLE_CONFIGS / 'thin.yaml'}\n")
+    out = tmp_path / "runs"
+    args = ["--out", str(out), "--set", f"data.train_dataset={train}", "--set", f"data.val_dataset={val}"]
+    args += [a for kv in TINY for a in ("--set", kv)]
+
+    rc = sweep.main([str(tmp_path / "broken.yaml"), str(tmp_path / "thin.yaml")] + args)
+    printed = capsys.readouterr().out
+    assert rc == 1, printed
+    rows = list(csv.DictReader(open(out / "sweep_summary.csv")))
+    assert [r["experiment"] for r in rows] == ["broken", "thin"]  # config order, failed run kept
+    broken, thin = rows
+    assert broken["status"].startswith("failed") and "epochz" in broken["status"]
+    assert "epochz" in Path(broken["log"]).read_text()
+    assert thin["status"] == "done" and thin["strategy"] == "thin" and thin["knobs"] == "mlp_ratio=1.5"
+    assert thin["epochs"] == "1" and 0 <= float(thin["best_top_1"]) <= 100 and int(thin["params"]) > 0
+    assert (out / "thin" / "final.json").is_file() and (out / "logs" / "thin.log").is_file()
+    md = (out / "sweep_summary.md").read_text()
+    assert md in printed and "- broken: failed (exit 2): error: configuration error: unknown key" in md and str(out / "logs" / "broken.log") in md
+    assert (out / "sweep_summary.png").is_file()
+
+    stamp = (out / "thin" / "final.json").stat().st_mtime_ns
+    assert sweep.main([str(tmp_path / "thin.yaml")] + args) == 0  # finished run: skipped, no job
+    assert "skip thin: already complete" in capsys.readouterr().out
+    assert (out / "thin" / "final.json").stat().st_mtime_ns == stamp
+    assert "| thin " in (out / "sweep_summary.md").read_text()
 
 
 def test_slurm_scripts_are_written_and_submitted(tmp_path, monkeypatch, capsys):
