@@ -6,6 +6,7 @@ the other loaders run ffcv's ops as plain Python (``no_jit``), instant on 16-48 
 from __future__ import annotations
 
 import json
+import types
 import shutil
 
 import numpy as np
@@ -195,3 +196,22 @@ def test_config_sections():
     assert values["data.rrc_scale"] == [0.25, 1.0] and values["data.in_memory"] is True
     with pytest.raises(ConfigError, match="data.order"):
         load_config(["--data.order=sequential"], sections=["data"])
+
+
+# ----------------------------------------------------------------------------- benchmark helpers
+def test_bench_posterize_guard_and_table(tmp_path):
+    from PIL import Image
+
+    from fastvit_reduce.bench import loader as bench
+
+    ra = bench.timm_randaugment("rand-m10-n2-inc1", 32)
+    posterize = next(op for op in ra.ops if op.name == "PosterizeIncreasing")
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert posterize.aug_fn(image, 0).getextrema() == ((0, 0),) * 3  # Pillow < 13: black, no raise
+    assert posterize.aug_fn(image, 8) is image
+    result = dict(torchvision_img_s=100.0, ffcv_img_s=400.0, torchvision_randaug_img_s=80.0,
+                  ffcv_randaug_img_s=None, ceiling_img_s=500.0, images=10, res=32, workers=2)
+    args = types.SimpleNamespace(batch_size=4, max_res=64, epochs=1, randaug="rand-m9")
+    text = bench.table(result, args, "header")
+    assert "4.00x" in text and "0.80x" in text and "n/a" in text
+    assert bench.main(["--data", str(tmp_path / "missing")]) == 2
