@@ -137,7 +137,9 @@ def _contrast(x, f, q):
 
 
 def _brightness(x, f, q):
-    return _blend(torch.zeros_like(x), x, f, q)  # ImageEnhance.Brightness: blend with black
+    # ImageEnhance.Brightness: blend with black, i.e. 0 + f * (x - 0)
+    out = (_per_image(f) * x).clamp_(0, 255)
+    return out.floor_() if q else out
 
 
 def _sharpness(x, f, q):
@@ -146,17 +148,18 @@ def _sharpness(x, f, q):
     # / 13; a multiple of 1/13 is never a tie, so rounding agrees with PIL's float kernel sum.
     degenerate = x.clone()
     if min(x.shape[-2:]) > 2:
-        smooth = (F.avg_pool2d(x, 3, stride=1) * 9 + 4 * x[:, :, 1:-1, 1:-1]) / 13
+        rows = x[..., :-2] + x[..., 1:-1] + x[..., 2:]  # separable 3x3 box sum, exact for ints
+        box = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
+        smooth = (box + 4 * x[:, :, 1:-1, 1:-1]) / 13
         degenerate[:, :, 1:-1, 1:-1] = torch.floor(smooth + 0.5) if q else smooth
     return _blend(degenerate, x, f, q)
 
 
 def _posterize(x, bits, q):
-    # ImageOps.posterize: keep the top `bits` bits; bits >= 8 is a no-op in timm; bits <= 0 gives
-    # black (Pillow < 13's result; Pillow 13 raises ValueError)
-    step = _per_image(torch.exp2((8 - bits).clamp(0, 8)))  # 2 ** (8 - bits), 256 = all black
-    out = torch.floor(x / step) * step
-    return torch.where(_per_image(bits >= 8), x, out)
+    # ImageOps.posterize: keep the top `bits` bits. bits <= 0 gives black (Pillow < 13's result;
+    # Pillow 13 raises ValueError); bits >= 8 (a no-op in timm) keeps integer levels as they are
+    step = _per_image(torch.exp2((8 - bits).clamp(0, 8)))  # 2 ** (8 - bits); 256 = all black
+    return torch.floor(x / step).mul_(step)
 
 
 def _solarize(x, thresh, q):
@@ -259,23 +262,24 @@ def _warp(x: torch.Tensor, pil_matrix: torch.Tensor, fill: torch.Tensor, q: bool
     outside the input, so: grid_sample with border padding, then fill by that mask.
     """
     b, _, h, w = x.shape
-    to_norm = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=torch.float64)
-    from_norm = torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]], dtype=torch.float64)
-    theta = (to_norm @ pil_matrix @ from_norm)[:, :2].to(x.device, torch.float32)  # (b, 2, 3)
-    grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)  # (b, H, W, 2) in [-1, 1]
+    # sample points in input pixel units, in float64 and PIL's order of operations (why: PIL
+    # decides "outside" in double; a shift of exactly half the image, e.g. 0.405 * 300 px, must
+    # fill the same edge row as PIL does)
+    m = pil_matrix[:, :2].reshape(b, 6, 1, 1).to(x.device).unbind(1)
+    xs = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w) + 0.5
+    ys = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1) + 0.5
+    u = torch.add(m[0] * xs, m[1] * ys).add_(m[2])  # (b, H, W)
+    v = torch.add(m[3] * xs, m[4] * ys).add_(m[5])
+    inside = u.ge(0).logical_and_(u < w).logical_and_(v >= 0).logical_and_(v < h)  # (b, H, W)
+    grid = torch.empty(b, h, w, 2, device=x.device)  # grid_sample's [-1, 1] (align_corners=False)
+    grid[..., 0] = u.mul_(2 / w).sub_(1)
+    grid[..., 1] = v.mul_(2 / h).sub_(1)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if q:
         # PIL truncates its bilinear result; float32 weights can sum to 1 - 1e-7, which would
         # truncate flat areas one level down, hence the small lift
-        out = torch.floor(out + 1e-3)
-    # "outside" exactly as PIL decides it, in float64 pixel units (why: a shift of exactly half
-    # the image, e.g. 0.405 * 300 px, must fill the same edge row as PIL does)
-    m = pil_matrix[:, :2].reshape(b, 6, 1, 1).to(x.device).unbind(1)
-    xs = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w) + 0.5
-    ys = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1) + 0.5
-    u, v = m[0] * xs + m[1] * ys + m[2], m[3] * xs + m[4] * ys + m[5]  # (b, H, W)
-    inside = ((u >= 0) & (u < w) & (v >= 0) & (v < h)).unsqueeze(1)  # (b, 1, H, W)
-    return torch.where(inside, out, fill.view(1, 3, 1, 1))
+        out = out.add_(1e-3).floor_()
+    return torch.where(inside.unsqueeze(1), out, fill.view(1, 3, 1, 1))
 
 
 # ----------------------------------------------------------------------------- spec parsing
