@@ -65,11 +65,6 @@ Section("resolution", "progressive resizing of train images (as in ffcv-imagenet
                "(use the patch size)", default=16),
 )
 
-# (path of the last train .beton, its class names) — lets create_val_loader check that the val
-# file was written with the same classes without widening the loader signatures.
-_last_train_classes: tuple[str, list[str] | None] | None = None
-
-
 # ----------------------------------------------------------------------------- dataset checks
 def read_classes(beton_path: str | Path) -> list[str] | None:
     """Class names from ``<beton_path>.classes.json`` (written by the writer), or None if absent."""
@@ -88,9 +83,9 @@ def read_classes(beton_path: str | Path) -> list[str] | None:
 def check_beton(path: str | Path) -> int:
     """Number of samples in ``path``; raise ``ConfigError`` unless it is a readable .beton with
     fields image (RGBImageField) and label (IntField)."""
-    path = Path(path)
     if not str(path):
         raise ConfigError("no dataset given (empty .beton path)")
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"dataset not found: {path}")
     try:
@@ -109,11 +104,7 @@ def check_datasets(train_path: str | Path, val_path: str | Path) -> None:
     """Check both files, and that their ``.classes.json`` lists match when both exist."""
     check_beton(train_path)
     check_beton(val_path)
-    _check_same_classes(train_path, read_classes(train_path), val_path)
-
-
-def _check_same_classes(train_path, train_classes, val_path) -> None:
-    val_classes = read_classes(val_path)
+    train_classes, val_classes = read_classes(train_path), read_classes(val_path)
     if train_classes is None or val_classes is None or train_classes == val_classes:
         return
     diff = sorted(set(train_classes) ^ set(val_classes))[:5]
@@ -163,7 +154,6 @@ def create_train_loader(path, batch_size: int, device, *, res: int, num_workers:
     same number of batches. Call ``set_epoch`` before each epoch to make resumed runs see the
     same order, and ``set_train_resolution`` between epochs for progressive resizing.
     """
-    global _last_train_classes
     check_beton(path)
     _check_batch(batch_size)
     if int(aug_repeats) != aug_repeats or aug_repeats < 1:
@@ -191,7 +181,6 @@ def create_train_loader(path, batch_size: int, device, *, res: int, num_workers:
                     pipelines={"image": image, "label": _label_pipeline(device)})
     if aug_repeats > 1:
         install_order(loader, RepeatAugOrder(loader, aug_repeats))
-    _last_train_classes = (str(path), read_classes(path))
     return loader
 
 
@@ -204,16 +193,13 @@ def create_val_loader(path, batch_size: int, device, *, res: int, crop_pct: floa
     config's 0 to the model's ``pretrained_cfg['crop_pct']`` before calling). Sequential, keeps the
     last partial batch, and with ``distributed`` each rank reads its own contiguous shard, without
     the padding duplicates of ffcv's distributed SEQUENTIAL order: every image counts once.
-    If a train loader was built in this process and both files have ``.classes.json`` next to
-    them, the class lists must match.
+    ``check_datasets(train, val)`` checks that the two files were written with the same classes.
     """
     num_samples = check_beton(path)
     _check_batch(batch_size)
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r} (resolve 0 to the "
                          f"model's pretrained_cfg['crop_pct'] first)")
-    if _last_train_classes is not None:
-        _check_same_classes(_last_train_classes[0], _last_train_classes[1], path)
     if distributed:
         _require_process_group()
         # why: ffcv's process cache crashes on an empty epoch (a rank gets no image when there are
