@@ -241,23 +241,28 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, case):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_full_disk_fails_cleanly_and_keeps_the_old_file(imagenet, tmp_path, capsys):
+def test_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, capsys):
     import resource
-    root, _ = imagenet
+    for c in ("a", "b"):  # 4 raw 1000 px images of 3 MB: the 3rd overflows ffcv's first 8 MiB page
+        (tmp_path / "in/train" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(ramp(1000, 1000, i)).save(tmp_path / "in/train" / c / f"{i}.png", compress_level=1)
     out = tmp_path / "train.beton"
     out.write_bytes(b"previous dataset")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    # a 1 MB file-size limit makes the first ffcv page write (at offset 8 MB) fail with EFBIG,
-    # the same path as ENOSPC (Python ignores SIGXFSZ, so the write returns an error)
+    # a 1 MB file-size limit makes ffcv's page writes (from offset 8 MiB) fail with EFBIG, the
+    # same code path as ENOSPC (Python ignores SIGXFSZ, so the write returns an error)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
     try:
-        code = write.main(write_args(root, out))
+        code = write.main([f"--cfg.data_dir={tmp_path / 'in'}", f"--cfg.write_path={out}",
+                           "--cfg.max_resolution=1000", "--cfg.write_mode=raw", "--cfg.num_workers=1"])
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     err = capsys.readouterr().err
-    assert code == 1 and "File too large" in err and "is the disk full?" in err
+    assert code == 1 and f"writing {out} failed after 2 of 4 images (0 skipped)" in err, err
+    assert "File too large" in err and "is the disk full?" in err
     assert out.read_bytes() == b"previous dataset"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.beton"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "train.beton"]
 
 
 def _open_by_anyone(path: Path) -> bool:
@@ -307,14 +312,15 @@ def test_killed_write_leaves_old_file_intact(imagenet, tmp_path):
         time.sleep(0.2)
     assert out.read_bytes() == b"previous dataset"
 
-    proc = start_and_wait_for_partial()  # also removes the stale partial file
-    os.kill(proc.pid, signal.SIGINT)     # Ctrl-C: partial removed, exit code 130
-    proc.join(30)
-    err = log.read_text()
-    assert proc.exitcode == 130, err
-    assert "left by an interrupted write" in err and "interrupted: nothing written" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "train.beton"]
-    assert out.read_bytes() == b"previous dataset"
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a scheduler's kill: clean up, exit 130
+        proc = start_and_wait_for_partial()  # the first one also removes the stale partial file
+        os.kill(proc.pid, sig)
+        proc.join(30)
+        err = log.read_text()
+        assert proc.exitcode == 130 and "interrupted: nothing written" in err, err
+        assert ("left by an interrupted write" in err) == (sig == signal.SIGINT)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "train.beton"]
+        assert out.read_bytes() == b"previous dataset"
 
     assert write.main(write_args(root, out)) == 0  # a complete write replaces it
     assert json.loads(Path(f"{out}.report.json").read_text())["written"] == len(good)
@@ -344,14 +350,14 @@ def test_write_imagenet_sh(tmp_path, capsys):
 
     # DRY_RUN=1 prints the two commands; run them here (a fresh interpreter costs 6+ s of imports)
     out.mkdir()
-    r = run_script("32", "0.50", "90", "--cfg.num_workers=1", DRY_RUN="1", PYTHONPATH="", **good)
+    r = run_script("32", "0.50", "90", "--cfg.num_workers=1", "--cfg.subset=1", DRY_RUN="1", PYTHONPATH="", **good)
     assert r.returncode == 0, r.stderr
     commands = [shlex.split(line) for line in r.stdout.strip().splitlines()]
     assert [c[:4] for c in commands] == [["env", f"PYTHONPATH={REPO}", str(REPO / ".venv/bin/python"), "-m"]] * 2
     for command in commands:
         assert command[4] == "fastvit_reduce.write"
         assert write.main(command[5:]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("wrote 4 images of 2 classes")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("wrote 2 images of 2 classes")
     assert sorted(p.name for p in out.glob("*.beton")) == ["train_32_0.50_90.beton", "val_32_0.50_90.beton"]
     assert write.read_classes(out / "val_32_0.50_90.beton") == ["a", "b"]
 

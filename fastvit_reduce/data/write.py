@@ -280,6 +280,8 @@ def _worker(writer, source, allocator, next_chunk, chunk_size, done, skipped, on
                             np.random.seed(i)  # np.random; per-index seeds make that reproducible
                         try:
                             handle_sample((image, label), i, names, metadata, allocator, writer.fields)
+                        except OSError:
+                            raise  # writing a full page failed (disk full ...): fatal, not this image's fault
                         except Exception as e:  # noqa: BLE001 — ffcv could not encode this one
                             error = f"while encoding: {type(e).__name__}: {e}"
                     if error is not None:
@@ -301,9 +303,10 @@ def _worker(writer, source, allocator, next_chunk, chunk_size, done, skipped, on
 class _SafeWriter:
     """ffcv's DatasetWriter with our worker loop and a compacting finish (see module doc)."""
 
-    def __init__(self, path: str, fields: dict, page_size: int, num_workers: int):
+    def __init__(self, path: str, fields: dict, page_size: int, num_workers: int, target: Path):
         from ffcv.writer import DatasetWriter
         self.ffcv = DatasetWriter(path, fields, page_size=page_size, num_workers=num_workers)
+        self.target = target  # the final name, for messages
 
     def write(self, source: ImageFolderSource, chunk_size: int, on_error: str,
               seed_per_sample: bool, desc: str) -> list[tuple[int, str]]:
@@ -335,7 +338,8 @@ class _SafeWriter:
                     gathered.append(results.get(timeout=0.2))
                 except queue.Empty:
                     pass
-                self._check(procs, errors, source)
+                self._check(procs, errors, source, f"{self.target} failed after {done.value} of "
+                            f"{n} images ({skipped.value} skipped)")
                 progress.update(done.value - progress.n)
                 progress.set_postfix(skipped=skipped.value, refresh=False)
             for p in procs:
@@ -360,7 +364,7 @@ class _SafeWriter:
             w.metadata_sm.unlink()
 
     @staticmethod
-    def _check(procs, errors, source: ImageFolderSource) -> None:
+    def _check(procs, errors, source: ImageFolderSource, failed: str) -> None:
         """Raise ``WriteError`` if a worker reported a fatal error / a bad file (on_error=raise),
         or died without a word (SIGKILL by the OOM killer, SIGBUS when /dev/shm is full)."""
         dead = [p for p in procs if p.exitcode not in (None, 0)]
@@ -376,12 +380,13 @@ class _SafeWriter:
             hint = (" — is the disk full?" if any(s in message for s in
                     (os.strerror(errno.ENOSPC), os.strerror(errno.EFBIG), os.strerror(errno.EDQUOT)))
                     else "")
-            raise WriteError(f"a writer process failed: {message}{hint}")
+            raise WriteError(f"writing {failed}: {message}{hint}")
         if dead:
             code = dead[0].exitcode
             hint = {-signal.SIGKILL: " (killed: out of memory?)",
                     -signal.SIGBUS: " (SIGBUS: /dev/shm full? in Docker use --ipc=host or --shm-size)"}
-            raise WriteError(f"a writer process died with exit code {code}{hint.get(code, '')}")
+            raise WriteError(f"writing {failed}: a writer process died with exit code "
+                             f"{code}{hint.get(code, '')}")
 
     def _finish(self, allocations: np.ndarray, failures: list[tuple[int, str]]) -> None:
         """Write the sample table without the failed slots, the allocation table and the header.
@@ -481,7 +486,7 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
     source = ImageFolderSource(data, max_resolution)
     start = time.perf_counter()
     try:
-        writer = _SafeWriter(str(partial), fields, _page_size(max_resolution), num_workers)
+        writer = _SafeWriter(str(partial), fields, _page_size(max_resolution), num_workers, target)
         failures = writer.write(source, chunk_size, on_error, write_mode == "proportion", desc=split)
         seconds = time.perf_counter() - start
         written = len(source) - len(failures)
