@@ -27,11 +27,12 @@ Where we differ, and why:
   (negative with mmax > 10). Pillow < 13 returned a black image; Pillow 13 raises. We return
   black, timm's old meaning, and never raise.
 
-Pixel arithmetic follows PIL (ImageEnhance, ImageOps, Image.transform): with a uint8 input
-every op's output is truncated/rounded to integers the way PIL does, so results stay within
-about a grey level of timm's; float input in [0, 255] is processed without that quantisation,
-except that Equalize and AutoContrast (defined by PIL on 256-bin histograms) read the integer
-grey level ``floor(x)``.
+Pixel arithmetic follows PIL (ImageEnhance, ImageOps, Image.transform) step by step, including
+where PIL truncates or rounds to uint8. Measured against timm's PIL ops on real photos
+(tests/test_randaugment.py): every colour and histogram op is pixel-exact on uint8 input, and the
+geometric ops match PIL's BILINEAR to within one grey level (mean absolute difference <= 0.08).
+Float input in [0, 255] is processed without the uint8 quantisation, except that Equalize and
+AutoContrast (defined by PIL on 256-bin histograms) read the integer grey level ``floor(x)``.
 """
 from __future__ import annotations
 
@@ -61,10 +62,15 @@ RAND_WEIGHTED_0 = {
     "SolarizeIncreasing": .05, "SolarizeAdd": .05, "ContrastIncreasing": .05,
     "BrightnessIncreasing": .05, "Equalize": .05, "PosterizeIncreasing": 0.05, "Invert": 0.05,
 }
-# timm < 1.0 _RAND_CHOICE_WEIGHTS_0 (spec '-w0', removed from timm 1.0): positional weights
-# over the chosen op list (the inc0 or inc1 list, both in the order above).
-RAND_CHOICE_WEIGHTS_0 = (0.025, 0.005, 0, 0.3, 0, 0.005, 0.005, 0.025, 0.005, 0.005, 0.025,
-                         0.2, 0.2, 0.1, 0.1)
+# timm < 1.0 _RAND_CHOICE_WEIGHTS_0 (spec '-w0', removed in timm 1.0): old timm looked the
+# weights up by the names of RAND_TRANSFORMS and applied them by position to the chosen op
+# list, so with inc1 they carry over to the increasing variants.
+RAND_CHOICE_WEIGHTS_0 = {
+    "Rotate": 0.3, "ShearX": 0.2, "ShearY": 0.2, "TranslateXRel": 0.1, "TranslateYRel": 0.1,
+    "Color": .025, "Sharpness": 0.025, "AutoContrast": 0.025, "Solarize": .005,
+    "SolarizeAdd": .005, "Contrast": .005, "Brightness": .005, "Equalize": .005,
+    "Posterize": 0, "Invert": 0,
+}
 
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 SIGNED_OPS = GEOMETRIC_OPS + ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
@@ -328,7 +334,7 @@ def parse_spec(spec: str) -> dict:
     elif "w" in values:
         if values["w"] != 0:
             raise ValueError(f"RandAugment spec {spec!r}: only weight set w0 exists")
-        weights = RAND_CHOICE_WEIGHTS_0
+        weights = tuple(RAND_CHOICE_WEIGHTS_0[name] for name in RAND_TRANSFORMS)
     if not 0 <= out["prob"] <= 1:
         raise ValueError(f"RandAugment spec {spec!r}: p must be in [0, 1]")
     if weights is not None and out["n"] > sum(w > 0 for w in weights):
@@ -448,9 +454,9 @@ class BatchRandAugment:
         format); returns a new tensor of the same dtype, shape and memory format."""
         _check_images(images)
         b = images.shape[0]
-        op, apply, level, sign = self.sample(b, generator)
-        if b == 0 or not apply.any():
+        if b == 0 or self.n == 0:
             return images.clone()
+        op, apply, level, sign = self.sample(b, generator)
         work = images.float().contiguous()  # (B, 3, H, W) float32 working copy
         fill = torch.tensor(self.fill, dtype=torch.float32, device=images.device)
         for layer in range(self.n):
