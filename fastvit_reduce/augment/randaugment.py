@@ -353,29 +353,39 @@ def _check_images(images) -> None:
         raise ValueError(f"RandAugment expects uint8 or float images in [0, 255], got {images.dtype}")
 
 
-def _apply_ops(work: torch.Tensor, names: list[str], rows: list[torch.Tensor],
-               args: list[torch.Tensor | None], fill: torch.Tensor, q: bool) -> None:
-    """Apply op ``names[k]`` with per-image ``args[k]`` to images ``rows[k]`` of ``work``, in place.
+def _apply_ops(state: torch.Tensor, names: list[str], rows: list[torch.Tensor],
+               args: list[torch.Tensor | None], fill: torch.Tensor) -> None:
+    """Apply op ``names[k]`` with per-image ``args[k]`` to images ``rows[k]`` of ``state``, in place.
 
-    The rows of different ops must not overlap (one layer). All geometric ops share one warp.
+    ``state`` is a contiguous (B, 3, H, W) batch in the caller's dtype: only the images an op
+    touches are converted to float32, and a uint8 state stays exact because every op then
+    quantises its output like PIL. The rows of different ops must not overlap (one layer);
+    all geometric ops share one warp.
     """
+    q = state.dtype == torch.uint8
     warp_rows, warp_mats = [], []
-    h, w = work.shape[-2:]
+    h, w = state.shape[-2:]
     for name, idx, arg in zip(names, rows, args):
         if name in GEOMETRIC_OPS:
             warp_rows.append(idx)
             warp_mats.append(_pil_affine(name, arg, h, w))
             continue
-        arg = None if arg is None else arg.to(work.device, torch.float32)
-        work.index_copy_(0, idx, _PIXEL_OPS[name](work.index_select(0, idx), arg, q))
+        arg = None if arg is None else arg.to(state.device, torch.float32)
+        out = _PIXEL_OPS[name](state.index_select(0, idx).float(), arg, q)
+        state.index_copy_(0, idx, out.to(state.dtype))
     if warp_rows:
         idx = torch.cat(warp_rows)
-        work.index_copy_(0, idx, _warp(work.index_select(0, idx), torch.cat(warp_mats), fill, q))
+        out = _warp(state.index_select(0, idx).float(), torch.cat(warp_mats), fill, q)
+        state.index_copy_(0, idx, out.to(state.dtype))
 
 
-def _finish(work: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    # empty_like keeps the input's memory format (e.g. channels_last) and dtype
-    return torch.empty_like(images).copy_(work)
+def _start(images: torch.Tensor) -> torch.Tensor:
+    return images.clone(memory_format=torch.contiguous_format)  # never write into the input
+
+
+def _finish(state: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    # back to the input's memory format (e.g. channels_last); empty_like preserves it
+    return state if images.is_contiguous() else torch.empty_like(images).copy_(state)
 
 
 def apply_op(images: torch.Tensor, name: str, magnitude: float, *, negate: bool = False,
@@ -390,12 +400,11 @@ def apply_op(images: torch.Tensor, name: str, magnitude: float, *, negate: bool 
     b = images.shape[0]
     level = torch.full((b,), float(magnitude), dtype=torch.float64)
     sign = torch.full((b,), -1.0 if negate else 1.0, dtype=torch.float64)
-    work = images.float().contiguous()
+    state = _start(images)
     rows = torch.arange(b, device=images.device)
     fill_t = torch.tensor(fill, dtype=torch.float32, device=images.device)
-    _apply_ops(work, [name], [rows], [level_to_arg(name, level, sign, translate_pct)], fill_t,
-               q=images.dtype == torch.uint8)
-    return _finish(work, images)
+    _apply_ops(state, [name], [rows], [level_to_arg(name, level, sign, translate_pct)], fill_t)
+    return _finish(state, images)
 
 
 class BatchRandAugment:
@@ -457,7 +466,7 @@ class BatchRandAugment:
         if b == 0 or self.n == 0:
             return images.clone()
         op, apply, level, sign = self.sample(b, generator)
-        work = images.float().contiguous()  # (B, 3, H, W) float32 working copy
+        state = _start(images)  # (B, 3, H, W) contiguous copy, updated op group by op group
         fill = torch.tensor(self.fill, dtype=torch.float32, device=images.device)
         for layer in range(self.n):
             names, rows, args = [], [], []
@@ -468,8 +477,8 @@ class BatchRandAugment:
                     rows.append(chosen.to(images.device))
                     args.append(level_to_arg(name, level[chosen, layer], sign[chosen, layer],
                                              self.translate_pct))
-            _apply_ops(work, names, rows, args, fill, q=images.dtype == torch.uint8)
-        return _finish(work, images)
+            _apply_ops(state, names, rows, args, fill)
+        return _finish(state, images)
 
     def __repr__(self) -> str:
         return (f"BatchRandAugment({self.spec!r}: n={self.n}, m={self.magnitude}, "
