@@ -133,6 +133,9 @@ HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "da
             "validation.batch_size", "training.compile")
 LOG_KEYS = ["epoch", "train_loss", "top_1", "top_5", "ema_top_1", "ema_top_5", "lr", "res",
             "updates", "epoch_time_s", "train_time_s", "train_img_s", "data_wait_frac", "peak_mem_mb"]
+FINAL_KEYS = ["experiment", "strategy", "arch", "img_size", "epochs", "params", "mlp_params", "gflops",
+              "best_top_1", "final_top_1", "best_ema_top_1", "final_ema_top_1", "total_time_s",
+              "train_img_s", "data_wait_frac", "completed"]  # what sweep/report read
 EXIT_OK, EXIT_CRASH, EXIT_USER, EXIT_PREEMPTED = 0, 1, 2, 124
 log = logging.getLogger("fastvit_reduce")
 
@@ -219,10 +222,8 @@ class StopSignal:
 
 def setup_logging(folder: Path | None) -> None:
     """Rank 0: INFO to stdout and ``train.log``; other ranks (folder None): warnings only."""
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    log.propagate = False
+    close_logging()
+    log.propagate = False  # why: an embedding app's root handlers would print every line twice
     log.setLevel(logging.INFO if folder else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
@@ -231,6 +232,14 @@ def setup_logging(folder: Path | None) -> None:
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
+
+
+def close_logging() -> None:
+    """Undo ``setup_logging`` (main() may run more than once in one process, e.g. in tests)."""
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.propagate, log.level = True, logging.NOTSET
 
 
 def run_info(cfg: dict, argv: list[str], world: int) -> dict:
@@ -753,5 +762,6 @@ def main(argv: list[str]) -> int:
         log.exception("training crashed")
         raise
     finally:
+        close_logging()
         if dist.is_initialized():
             dist.destroy_process_group()

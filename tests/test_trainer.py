@@ -1,0 +1,290 @@
+"""The trainer, end to end on CPU, plus its pure parts (LR schedule, checkpoints, config checks).
+
+Runs are real processes — ``python runner.py`` (what ``python train.py`` does) or ``torchrun`` —
+on tiny .beton files (64 train / 24 val images, 4 classes) with timm's ``test_vit`` (embed 64,
+depth 6) at 32 px, 2 epochs of 8 steps, on the recipe of ``rn_configs/base.yaml``. ``runner.py``
+first turns ffcv's numba compiler off: the JIT costs ~10 s per pipeline and process, pure-Python
+ops on 32 px images take milliseconds (facts file, trap 7); the compiled pipelines are tested in
+test_loaders.py. Several checks share one run to keep the file at a few processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import write_beton
+from fastvit_reduce import checkpoint as ckpt
+from fastvit_reduce.trainer import FINAL_KEYS, lr_at, main, read_rows
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = """import sys
+from ffcv.pipeline.compiler import Compiler
+Compiler.set_enabled(False)  # why: tests skip ffcv's ~10 s numba JIT per pipeline
+from fastvit_reduce.trainer import main
+sys.exit(main(sys.argv[1:]))
+"""
+TINY = """\
+base: {base}
+data: {{train_dataset: {train}, val_dataset: {val}, num_workers: 1, batches_ahead: 1}}
+resolution: {{min_res: 32, max_res: 32, step: 8}}
+model: {{arch: test_vit, num_classes: 4, img_size: 32, patch_size: 8}}
+augment: {{randaugment: '', mixup: 0, cutmix: 0, reprob: 0, aug_repeats: 1}}
+training: {{epochs: 2, batch_size: 8, grad_accum_steps: 1, amp: 'off', device: cpu}}
+lr: {{warmup_epochs: 0.25}}
+ema: {{decay: 0.9}}
+validation: {{batch_size: 16}}
+logging: {{folder: {runs}, progress: 0}}
+checkpoint: {{every_minutes: 0}}
+"""
+# the seed's augmentation, for the runs that are not checking that the loss falls
+HEAVY = ["--augment.randaugment=rand-m9-mstd0.5-inc1", "--augment.mixup=0.8", "--augment.cutmix=1.0",
+         "--augment.reprob=0.25", "--augment.aug_repeats=3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trainer")
+    runner = d / "runner.py"
+    runner.write_text(RUNNER)
+    cfg = d / "tiny.yaml"
+    cfg.write_text(TINY.format(base=REPO / "rn_configs" / "base.yaml", runs=d / "runs",
+                               train=write_beton(d / "train.beton", n=64, size=40),
+                               val=write_beton(d / "val.beton", n=24, size=40, seed=1)))
+    return SimpleNamespace(dir=d, runner=str(runner), cfg=str(cfg), runs=d / "runs")
+
+
+def proc_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def train(env, *args, torchrun=(), **kw):
+    """Run the trainer to its end; return the CompletedProcess (output captured)."""
+    cmd = ([sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable])
+    return subprocess.run([*cmd, env.runner, "--config", env.cfg, *args], cwd=REPO, env=proc_env(),
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def start(env, *args):
+    return subprocess.Popen([sys.executable, env.runner, "--config", env.cfg, *args], cwd=REPO,
+                            env=proc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(path: Path, text: str, proc, after: int = 0, timeout: float = 180) -> int:
+    """Wait until ``path`` has a line containing ``text`` beyond its first ``after`` lines; return
+    that line's index."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for i, line in enumerate(lines[after:], after):
+            if text in line:
+                return i
+        if proc.poll() is not None:
+            pytest.fail(f"trainer exited ({proc.returncode}) before logging {text!r}:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    pytest.fail(f"no {text!r} in {path} after {timeout} s")
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def final(run: Path) -> dict:
+    return json.loads((run / "final.json").read_text())
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_one_process_trains_logs_and_refuses_a_changed_config(env, capsys):
+    argv = ["--logging.experiment=single"]
+    ok(train(env, *argv))
+    run = env.runs / "single"
+    log = rows(run)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert log[1]["train_loss"] < log[0]["train_loss"]
+    assert all(0 <= r["top_1"] <= 100 and 0 <= r["data_wait_frac"] <= 1 and r["train_img_s"] > 0 for r in log)
+    assert len((run / "summary.csv").read_text().splitlines()) == 3  # header + one row per epoch
+    fin = final(run)
+    assert set(FINAL_KEYS) <= set(fin) and fin["completed"] and fin["epochs"] == 2
+    assert fin["params"] == 264_260 and fin["best_top_1"] == max(r["top_1"] for r in log)
+    assert fin["final_ema_top_1"] == log[-1]["ema_top_1"] is not None
+    params = json.loads((run / "params.json").read_text())
+    assert set(params["versions"]) == {"python", "torch", "timm", "ffcv", "numpy"}
+    assert params["git"]["revision"] and params["world_size"] == 1 and "--logging.experiment=single" in params["argv"]
+    assert params["config"]["training.epochs"] == 2 and params["config"]["model.arch"] == "test_vit"
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["updates"]) == (2, 0, 16)
+    assert torch.load(run / "best.pt", weights_only=True)["top_1"] == fin["best_top_1"]
+    assert "epoch 1:" in (run / "train.log").read_text()
+
+    # re-running a finished run is a no-op; a harmless change is fine; a real change is refused
+    before = (run / "log.jsonl").read_text()
+    assert main(["--config", env.cfg, *argv, "--data.num_workers=2", "--logging.progress=1"]) == 0
+    assert (run / "log.jsonl").read_text() == before
+    capsys.readouterr()
+    assert main(["--config", env.cfg, *argv, "--training.epochs=3", "--optim.lr=0.002"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "training.epochs: 2 -> 3" in err and "optim.lr" in err
+
+
+def test_two_processes_end_with_identical_weights(env):
+    """torchrun, gloo: thin MLPs, the seed's augmentation, bf16 autocast, grad accumulation."""
+    result = ok(train(env, "--logging.experiment=ddp", "--reduction.strategy=thin",
+                      "--reduction.mlp_ratio=2.0", "--training.amp=bf16", "--training.grad_accum_steps=2",
+                      *HEAVY, torchrun=["--standalone", "--nproc-per-node=2"]))
+    fin = final(env.runs / "ddp")
+    assert fin["completed"] and fin["world_size"] == 2 and fin["ranks_in_sync"] is True
+    assert fin["strategy"] == "thin" and fin["params"] < 264_260
+    assert [r["epoch"] for r in rows(env.runs / "ddp")] == [0, 1]
+    assert result.stdout.count("epoch 1:") == 1  # only rank 0 logs
+
+
+def test_two_node_rendezvous_on_loopback(env):
+    """Two torchrun launchers (one process each) meet through a c10d rendezvous, like two nodes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=fvr-test", "--local-addr=127.0.0.1"]
+    args = [sys.executable, "-m", "torch.distributed.run", *launcher, env.runner, "--config", env.cfg,
+            "--logging.experiment=nodes", "--reduction.strategy=shallow", "--training.epochs=1"]
+    nodes = [subprocess.Popen(args, cwd=REPO, env=proc_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    fin = final(env.runs / "nodes")
+    assert fin["completed"] and fin["world_size"] == 2 and fin["ranks_in_sync"] is True
+    assert fin["strategy"] == "shallow"
+
+
+def test_sigterm_then_kill9_then_resume(env):
+    """Grouped MLPs, fp16 + GradScaler, last.pt after every update: SIGTERM → exit 124; re-run,
+    kill -9 mid-epoch; re-run → finishes all epochs, each logged once, sharing intact."""
+    argv = ["--logging.experiment=preempt", "--reduction.strategy=grouped", "--training.amp=fp16",
+            "--training.epochs=3", "--checkpoint.every_minutes=0.00001", *HEAVY]
+    run = env.runs / "preempt"
+    log = run / "train.log"
+
+    p = start(env, *argv)
+    wait_for_line(log, "saved last.pt at epoch 0 step 2", p)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 124, out[-3000:]
+    assert "stopped by signal" in out
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) < (3, 0) and state["updates"] >= 2
+
+    seen = len(log.read_text().splitlines())
+    p = start(env, *argv)
+    resumed = wait_for_line(log, "resuming from", p, after=seen)
+    wait_for_line(log, "saved last.pt at epoch 1 step 3", p, after=resumed)
+    p.kill()  # SIGKILL: no chance to clean up
+    p.communicate(timeout=60)
+
+    ok(train(env, *argv))
+    log_rows = rows(run)
+    assert [r["epoch"] for r in log_rows] == [0, 1, 2]
+    fin = final(run)
+    assert fin["completed"] and fin["updates"] == 3 * log_rows[0]["updates"]
+    assert log.read_text().count("resuming from") == 2
+    state = torch.load(run / "last.pt", weights_only=True)
+    for prefix, sd in (("", state["model"]), ("module.", state["ema"])):
+        a, b = sd[f"{prefix}blocks.0.mlp.fc1.weight"], sd[f"{prefix}blocks.1.mlp.fc1.weight"]
+        assert a.data_ptr() == b.data_ptr(), f"{prefix or 'model'}: blocks 0 and 1 no longer share an MLP"
+
+
+def test_nonfinite_loss_stops_and_keeps_a_finite_checkpoint(env):
+    result = train(env, "--logging.experiment=nan", "--optim.lr=1e30", "--lr.warmup_epochs=0",
+                   "--training.max_nonfinite=2", "--checkpoint.every_minutes=0.00001")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "not finite for 2 consecutive updates" in result.stderr
+    state = torch.load(env.runs / "nan" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, yaml_text, key", [
+    ([], "training:\n  epoch: 3\n", "training.epoch"),                   # unknown YAML key
+    (["--training.channels_last=False"], "", "training.channels_last"),   # bool not 0/1
+    (["--training.epochs=0"], "", "training.epochs"),                     # out of range
+    (["--trainig.epochs=3"], "", "trainig.epochs"),                        # unknown CLI key
+    (["--training.amp=fp8"], "", "training.amp"),                          # not a choice
+    (["--data.train_dataset=/nonexistent.beton"], "", "data.train_dataset"),
+])
+def test_bad_config_exits_2_naming_the_key(env, tmp_path, capsys, extra, yaml_text, key):
+    argv = ["--config", env.cfg, f"--logging.folder={tmp_path / 'runs'}", *extra]
+    if yaml_text:
+        (tmp_path / "bad.yaml").write_text(yaml_text)
+        argv += ["--config", str(tmp_path / "bad.yaml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and key in err
+    assert not (tmp_path / "runs").exists()  # no work done
+
+
+# ----------------------------------------------------------------------------- pure parts
+def test_lr_schedule_warms_up_then_follows_the_cosine():
+    kw = dict(peak=1e-3, epochs=10, warmup_epochs=2, warmup_lr=1e-5, min_lr=1e-6)
+    assert lr_at(0, **kw) == 1e-5 and lr_at(2, **kw) == pytest.approx(1e-3)
+    assert lr_at(1, **kw) == pytest.approx((1e-5 + 1e-3) / 2)
+    assert lr_at(6, **kw) == pytest.approx((1e-3 + 1e-6) / 2) and lr_at(10, **kw) == pytest.approx(1e-6)
+    steps = [lr_at(2 + 8 * i / 100, **kw) for i in range(101)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+    assert lr_at(7, **{**kw, "warmup_epochs": 0}, schedule="constant") == 1e-3
+
+
+def test_checkpoint_roundtrip_keeps_shared_tensors_and_rng(tmp_path):
+    w = torch.randn(3, 3)
+    state = {"model": {"a": w, "b": w}, "n": 1, "rng": ckpt.rng_state(), "t": (1, "x", None)}
+    ckpt.save(state, tmp_path / "c.pt")
+    back = ckpt.load(tmp_path / "c.pt")
+    assert back["model"]["a"].data_ptr() == back["model"]["b"].data_ptr()
+    ckpt.set_rng_state(back["rng"])
+    first = torch.rand(3)
+    ckpt.set_rng_state(back["rng"])
+    assert torch.equal(first, torch.rand(3))
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.pt"]  # no temp file left
+
+
+def test_checkpoint_refuses_non_plain_values_and_pickles(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match=r"state\['cfg'\] is a pathlib"):
+        ckpt.save({"cfg": tmp_path}, tmp_path / "c.pt")
+    assert not (tmp_path / "c.pt").exists()
+    torch.save({"cfg": SimpleNamespace(a=1)}, tmp_path / "evil.pt")
+    with pytest.raises(ckpt.CheckpointError, match="arbitrary pickles"):
+        ckpt.load(tmp_path / "evil.pt")
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save({"epoch": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device.*previous last.pt is intact"):
+        ckpt.save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path) == {"epoch": 1}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_read_rows_drops_redone_epochs_and_torn_lines(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    assert read_rows(tmp_path / "log.jsonl", before_epoch=2) == [{"epoch": 0}, {"epoch": 1}]
+    assert read_rows(tmp_path / "missing.jsonl", 5) == []
