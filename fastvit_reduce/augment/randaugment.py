@@ -250,7 +250,7 @@ def _pil_affine(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
     elif name == "TranslateYRel":
         m[:, 1, 2] = arg * h
     elif name == "Rotate":
-        angle = -torch.deg2rad(arg)
+        angle = -torch.deg2rad(torch.remainder(arg, 360.0))  # as Image.rotate: angle % 360 first
         cos, sin = torch.cos(angle).round(decimals=15), torch.sin(angle).round(decimals=15)
         cx, cy = w / 2, h / 2
         m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
