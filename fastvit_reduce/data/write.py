@@ -62,7 +62,7 @@ Section("cfg", "writing an ImageFolder split to a .beton").params(
     compress_probability=Param(Number(float, 0, 1), "share of images stored as JPEG "
                                "(write_mode=proportion)", default=0.5),
     smart_threshold=Param(Number(int, 0), "bytes of raw pixels above which write_mode=smart "
-                          "stores JPEG (default: a 224x224 image)", default=224 * 224 * 3),
+                          "stores JPEG (150528 = a 224x224 RGB image)", default=224 * 224 * 3),
     jpeg_quality=Param(Number(int, 1, 100), "JPEG quality of stored images", default=90),
     num_workers=Param(Number(int, 0), "writer processes (0 = one per CPU core)", default=0),
     chunk_size=Param(Number(int, 1), "images a worker takes at a time", default=100),
@@ -317,17 +317,16 @@ class _SafeWriter:
         w, n = self.ffcv, len(source)
         w.num_samples = n
         w.prepare()  # ffcv: header + field descriptors into the file, metadata table in /dev/shm
-        # (from here on, the finally below releases the shared memory)
         ctx = mp.get_context("fork")  # ffcv's allocator and metadata table are shared by forking
-        allocator = MemoryAllocator(w.fname, w.data_region_start, w.page_size)
-        next_chunk, done, skipped = ctx.Value("Q", 0), ctx.Value("Q", 0), ctx.Value("Q", 0)
-        results, errors = ctx.Queue(), ctx.Queue()
-        num_workers = max(1, min(w.num_workers, -(-n // chunk_size)))
-        args = (w, source, allocator, next_chunk, chunk_size, done, skipped, on_error,
-                results, errors, os.getpid(), seed_per_sample)
-        procs = [ctx.Process(target=_worker, args=args, daemon=True) for _ in range(num_workers)]
-        progress = None
+        procs, progress = [], None
         try:
+            allocator = MemoryAllocator(w.fname, w.data_region_start, w.page_size)
+            next_chunk, done, skipped = ctx.Value("Q", 0), ctx.Value("Q", 0), ctx.Value("Q", 0)
+            results, errors = ctx.Queue(), ctx.Queue()
+            num_workers = max(1, min(w.num_workers, -(-n // chunk_size)))
+            args = (w, source, allocator, next_chunk, chunk_size, done, skipped, on_error,
+                    results, errors, os.getpid(), seed_per_sample)
+            procs = [ctx.Process(target=_worker, args=args, daemon=True) for _ in range(num_workers)]
             for p in procs:
                 p.start()
             progress = tqdm(total=n, desc=desc, unit="img", smoothing=0.05, dynamic_ncols=True,
@@ -493,7 +492,24 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
         if written == 0:
             raise WriteError(f"none of the {len(source)} images in {data.root} could be decoded "
                              f"(first error: {data.path(failures[0][0])}: {failures[0][1]})")
+        report = {
+            "output": str(target), "split": split, "source": str(data.root),
+            "written": written,
+            "skipped": [{"path": data.path(i), "error": err} for i, err in failures],
+            "files_seen": len(source), "ignored_files": data.ignored,
+            "classes": data.classes, "num_classes": len(data.classes),
+            "seconds": round(seconds, 3), "images_per_s": round(len(source) / seconds, 1),
+            "bytes": partial.stat().st_size,
+            "settings": settings or dict(max_resolution=max_resolution, write_mode=write_mode,
+                                         compress_probability=compress_probability,
+                                         smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
+                                         num_workers=num_workers, chunk_size=chunk_size,
+                                         subset=subset, on_error=on_error),
+            "versions": _versions(),
+        }
+        # the side files first: after the rename nothing is left that could fail half-way
         dump_json(data.classes, f"{target}.classes.json")
+        dump_json(report, f"{target}.report.json")
         os.replace(partial, target)
         dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
@@ -505,23 +521,6 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
         raise WriteError(f"writing {target} failed: {e}{hint}") from None
     finally:
         partial.unlink(missing_ok=True)
-
-    report = {
-        "output": str(target), "split": split, "source": str(data.root),
-        "written": written,
-        "skipped": [{"path": data.path(i), "error": err} for i, err in failures],
-        "files_seen": len(source), "ignored_files": data.ignored,
-        "classes": data.classes, "num_classes": len(data.classes),
-        "seconds": round(seconds, 3), "images_per_s": round(len(source) / seconds, 1),
-        "bytes": target.stat().st_size,
-        "settings": settings or dict(max_resolution=max_resolution, write_mode=write_mode,
-                                     compress_probability=compress_probability,
-                                     smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
-                                     num_workers=num_workers, chunk_size=chunk_size,
-                                     subset=subset, on_error=on_error),
-        "versions": _versions(),
-    }
-    dump_json(report, f"{target}.report.json")
     return report
 
 
