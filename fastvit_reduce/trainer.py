@@ -392,6 +392,9 @@ class Trainer:
             order=cfg["data.order"], aug_repeats=cfg["augment.aug_repeats"], seed=cfg["training.seed"],
             distributed=d.world > 1, rrc_scale=cfg["data.rrc_scale"], rrc_ratio=cfg["data.rrc_ratio"],
             hflip=cfg["data.hflip"], channels_last=cfg["training.channels_last"])
+        if len(self.train_loader) == 0:
+            raise ConfigError(f"data.train_dataset: {cfg['data.train_dataset']} gives no full batch of "
+                              f"training.batch_size={cfg['training.batch_size']} per process")
         self.val_loader = None
         if cfg["data.val_dataset"]:
             self.val_loader = create_val_loader(
@@ -419,10 +422,9 @@ class Trainer:
         if diff:
             raise ConfigError(f"{self.last_pt} was written with a different configuration; use another "
                               "logging.experiment or restore these settings:\n  " + "\n  ".join(diff))
-        for key in HARMLESS:
-            if key.startswith("data.") and key.endswith("dataset") and state["config"].get(key) != self.cfg[key]:
-                log.info(f"note: {key} changed since the checkpoint: "
-                         f"{state['config'].get(key)} -> {self.cfg[key]}")
+        for key in ("data.train_dataset", "data.val_dataset"):
+            if state["config"].get(key) != self.cfg[key]:
+                log.info(f"note: {key} moved since the checkpoint: {state['config'].get(key)} -> {self.cfg[key]}")
         return state
 
     def build_optimizer(self) -> torch.optim.Optimizer:
@@ -544,7 +546,7 @@ class Trainer:
             s["step_s"] += t2 - t0
             s["images"] += len(labels)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False,
                             img_s=f"{s['images'] * d.world / max(s['step_s'], 1e-9):.0f}")
             if update and i + 1 < n:
                 s["wall_s"] = time.monotonic() - t_begin
@@ -626,14 +628,15 @@ class Trainer:
     def end_epoch(self, epoch: int, s: dict, metrics: dict, eval_s: float) -> None:
         """Log the epoch's row, write best.pt on a new best, then last.pt and final.json."""
         d, cfg = self.d, self.cfg
-        row = {"epoch": epoch, "train_loss": s["loss_sum"] / max(s["loss_n"], 1),
-               "top_1": metrics.get("top_1"), "top_5": metrics.get("top_5"),
-               "ema_top_1": metrics.get("ema_top_1"), "ema_top_5": metrics.get("ema_top_5"),
+        r = lambda v, digits: None if v is None else round(v, digits)  # noqa: E731 — readable logs
+        row = {"epoch": epoch, "train_loss": r(s["loss_sum"] / max(s["loss_n"], 1), 5),
+               "top_1": r(metrics.get("top_1"), 3), "top_5": r(metrics.get("top_5"), 3),
+               "ema_top_1": r(metrics.get("ema_top_1"), 3), "ema_top_5": r(metrics.get("ema_top_5"), 3),
                "lr": s["lr"], "res": self.train_res(epoch), "updates": self.updates,
-               "epoch_time_s": s["wall_s"] + eval_s, "train_time_s": s["step_s"],
-               "train_img_s": s["images"] * d.world / max(s["step_s"], 1e-9),
-               "data_wait_frac": s["wait_s"] / max(s["step_s"], 1e-9),
-               "peak_mem_mb": peak_mem_mb(d.device)}
+               "epoch_time_s": r(s["wall_s"] + eval_s, 3), "train_time_s": r(s["step_s"], 3),
+               "train_img_s": r(s["images"] * d.world / max(s["step_s"], 1e-9), 1),
+               "data_wait_frac": r(s["wait_s"] / max(s["step_s"], 1e-9), 4),
+               "peak_mem_mb": r(peak_mem_mb(d.device), 1)}
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         if d.main:
