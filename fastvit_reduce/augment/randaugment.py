@@ -373,11 +373,11 @@ def _apply_ops(state: torch.Tensor, names: list[str], rows: list[torch.Tensor],
             continue
         arg = None if arg is None else arg.to(state.device, torch.float32)
         out = _PIXEL_OPS[name](state.index_select(0, idx).float(), arg, q)
-        state.index_copy_(0, idx, out.to(state.dtype))
+        state[idx] = out.to(state.dtype)  # why not index_copy_: ~3x slower on CPU here
     if warp_rows:
         idx = torch.cat(warp_rows)
         out = _warp(state.index_select(0, idx).float(), torch.cat(warp_mats), fill, q)
-        state.index_copy_(0, idx, out.to(state.dtype))
+        state[idx] = out.to(state.dtype)
 
 
 def _start(images: torch.Tensor) -> torch.Tensor:
