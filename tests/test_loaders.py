@@ -16,9 +16,9 @@ from conftest import make_images, write_beton
 from ffcv.pipeline.compiler import Compiler
 
 from fastvit_reduce.config import ConfigError, load_config, resolved
-from fastvit_reduce.data.loaders import (check_beton, check_datasets, create_train_loader,
-                                         create_val_loader, get_resolution, set_epoch,
-                                         set_train_resolution)
+from fastvit_reduce.data.loaders import (RandomFlipInPlace, check_beton, check_datasets,
+                                         create_train_loader, create_val_loader, get_resolution,
+                                         set_epoch, set_train_resolution)
 
 # why: numba's dispatcher finalizer can raise a harmless KeyError when an ffcv loader's JIT-compiled
 # ops are garbage-collected; pytest would report it as a warning on an unrelated test
@@ -126,6 +126,17 @@ def test_repeat_aug_and_quasi_random_train_orders(beton, no_jit):
     assert set(counts.tolist()) == {0, 4}  # N / 4 images, each 4 times
     quasi = train_loader(beton, order="quasi_random", in_memory=0, res=16)
     assert sorted(epoch_labels(quasi)) == list(range(N))
+
+
+def test_flip_in_place_mirrors_about_half(no_jit):
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, size=(64, 5, 7, 3), dtype=np.uint8)  # odd width: middle stays
+    np.random.seed(0)
+    out = RandomFlipInPlace().generate_code()(batch.copy(), None)
+    mirrored = [np.array_equal(o, b[:, ::-1]) for o, b in zip(out, batch)]
+    unchanged = [np.array_equal(o, b) for o, b in zip(out, batch)]
+    assert all(m or u for m, u in zip(mirrored, unchanged))
+    assert 16 < sum(mirrored) < 48
 
 
 # ----------------------------------------------------------------------------- errors
