@@ -34,7 +34,7 @@ class Parser(argparse.ArgumentParser):
 
 def variant_parser(prog: str, description: str, model: str, img_size: int) -> Parser:
     """Parser with the options shared by ``info`` and ``bench strategies``: model, strategy, knobs."""
-    p = Parser(prog=prog, description=description)
+    p = Parser(prog=prog, description=description.replace("``", ""))
     p.add_argument("--model", default=model, help=f"timm model name (default {model})")
     p.add_argument("--img-size", type=int, default=img_size, help=f"input size in px (default {img_size})")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
@@ -43,8 +43,9 @@ def variant_parser(prog: str, description: str, model: str, img_size: int) -> Pa
     p.add_argument("--strategy", choices=CHOICES, help="one strategy (default: all, side by side)")
     for name, owners in KNOB_OWNERS.items():
         knob = STRATEGIES[owners[0]].knobs[name]
+        choices = getattr(knob.checker, "choices", None)  # Choice knobs, e.g. prune_by
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(knob.default), default=None,
-                       help=f"{'/'.join(owners)}: {knob.help} (default {knob.default})")
+                       choices=choices, help=f"{'/'.join(owners)}: {knob.help} (default {knob.default})")
     p.add_argument("--json", action="store_true", help="print one JSON object per variant")
     return p
 
