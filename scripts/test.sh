@@ -5,9 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# why: ffcv's Loader calls torch.set_num_threads(num_workers); with its decode threads on 2 cores,
+# spinning OpenMP workers made small torch ops up to ~50x slower. Passive waiting avoids that.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+[ $# -gt 0 ] || set -- tests   # default: the whole suite; otherwise the files/flags given
 start=$(date +%s)
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
 rc=$?
 set -e
 echo "test.sh: pytest exit code $rc after $(( $(date +%s) - start )) s"
