@@ -209,6 +209,10 @@ def plot(rows: list[dict], path: str | Path) -> bool:
         ax.set_xlabel(label)
         ax.set_ylabel("best top-1 (%)")
         ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+    axes[0].legend(handles=[Line2D([], [], ls="", marker="o", color="k", label="model"),
+                            Line2D([], [], ls="", marker="o", mfc="none", color="gray", label="EMA")],
+                   loc="lower right", fontsize=8)
     axes[0].set_title("accuracy vs parameters")
     axes[1].set_title("accuracy vs training time")
     fig.savefig(path, dpi=120)

@@ -16,9 +16,10 @@ so a run is exactly what you would get by hand, and its folder is ``OUT/<config 
 * A failed job does not stop the sweep; it is listed with its log. The exit code is 1 if any
   run did not finish, 124 if the sweep itself was interrupted (SIGINT/SIGTERM are passed on to
   the jobs, which save ``last.pt``), else 0.
-* Re-running the same command skips runs whose ``final.json`` says ``completed`` and restarts
-  the others, which resume from their ``last.pt`` (the trainer's auto-resume). A finished run is
-  never re-trained: delete its folder to redo it with other settings.
+* Re-running the same command skips runs whose ``final.json`` says ``completed`` (if their config
+  and ``--set`` are unchanged, per ``OUT/logs/<stem>.json``) and restarts the others, which resume
+  from their ``last.pt`` (the trainer's auto-resume). A finished run is never re-trained: after a
+  config change the trainer refuses the old run folder, naming the changed keys; delete it to redo.
 * At the end it writes ``OUT/sweep_summary.{csv,md,png}`` (``fastvit_reduce.report``): this
   sweep's runs in config order, then any other run folders already in ``OUT``.
 
@@ -32,6 +33,7 @@ Collect results with ``fastvit-reduce report OUT``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastvit_reduce import report
+from fastvit_reduce.config import ConfigError, read_yaml
 
 
 class SweepError(ValueError):
@@ -75,6 +78,32 @@ def is_complete(run_dir: Path) -> bool:
         return bool(report._read_json(run_dir / "final.json").get("completed"))
     except report.ReportError:
         return False
+
+
+def fingerprint(job: Job, overrides: list[str]) -> dict | None:
+    """What the run was asked to do: the config's flattened values (base files included) and the
+    sweep's overrides. None when the YAML cannot be read (the trainer will report why)."""
+    try:
+        values = {k: v for k, (v, _) in read_yaml(job.config).items()}
+    except ConfigError:
+        return None
+    return json.loads(json.dumps({"config": values, "overrides": list(overrides)}, default=str))
+
+
+def fingerprint_path(job: Job) -> Path:
+    return job.log.with_suffix(".json")
+
+
+def can_skip(job: Job, overrides: list[str]) -> bool:
+    """A run is skipped when it completed and was launched with the same config and overrides.
+    A changed config is launched again: the trainer then refuses it, naming the changed keys."""
+    if not is_complete(job.run_dir):
+        return False
+    try:
+        recorded = json.loads(fingerprint_path(job).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # finished outside this sweep: the trainer checks the config (a no-op if same)
+    return recorded == fingerprint(job, overrides)
 
 
 def free_port(avoid: set[int]) -> int:
@@ -168,6 +197,7 @@ class Runner:
         cmd = torchrun_command(job, self.out, self.overrides, self.nproc, job.port)
         job.log.parent.mkdir(parents=True, exist_ok=True)
         job.log_offset = job.log.stat().st_size if job.log.is_file() else 0
+        fingerprint_path(job).write_text(json.dumps(fingerprint(job, self.overrides), indent=1) + "\n")
         resuming = " (resuming from last.pt)" if (job.run_dir / "last.pt").is_file() else ""
         where = f"GPU {','.join(slot)}" if slot else "CPU"
         print(f"sweep: start {job.name}{resuming} on {where} — log {job.log}", flush=True)
@@ -389,9 +419,12 @@ def main(argv: list[str]) -> int:
               f"({len(gpus)} GPUs, {args.gpus_per_run} per run)", file=sys.stderr)
 
     for job in jobs:
-        if is_complete(job.run_dir):
+        if can_skip(job, args.set):
             job.status = "done"
             print(f"sweep: skip {job.name}: already complete ({job.run_dir / 'final.json'})")
+        elif is_complete(job.run_dir):
+            print(f"sweep: {job.name} is complete but its config or --set changed: launching it, and the "
+                  f"trainer refuses unless only harmless keys changed (delete {job.run_dir} to redo it)")
     todo = [j for j in jobs if j.status != "done"]
 
     if args.slurm:

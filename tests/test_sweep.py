@@ -51,6 +51,12 @@ def test_cpu_sweep_reports_every_run_survives_a_bad_config_and_skips_finished(tm
     assert "skip thin: already complete" in capsys.readouterr().out
     assert (out / "thin" / "final.json").stat().st_mtime_ns == stamp
     assert "| thin " in (out / "sweep_summary.md").read_text()
+    # a changed config or --set is not skipped (the trainer then names what changed)
+    job = sweep.make_jobs([str(tmp_path / "thin.yaml")], out)[0]
+    overrides = args[3::2]
+    assert sweep.can_skip(job, overrides) and not sweep.can_skip(job, overrides + ["training.seed=1"])
+    (tmp_path / "thin.yaml").write_text(f"base: {SAMPLE_CONFIGS / 'thin.yaml'}\nreduction:\n  mlp_ratio: 1.0\n")
+    assert not sweep.can_skip(job, overrides)
 
 
 def test_slurm_scripts_are_written_and_submitted(tmp_path, monkeypatch, capsys):
@@ -60,6 +66,9 @@ def test_slurm_scripts_are_written_and_submitted(tmp_path, monkeypatch, capsys):
     done.mkdir(parents=True)
     (done / "final.json").write_text(json.dumps({"completed": True}))
     (tmp_path / "baseline.yaml").write_text("reduction:\n  strategy: baseline\n")
+    job = sweep.make_jobs([str(tmp_path / "baseline.yaml")], tmp_path / "out")[0]
+    job.log.parent.mkdir()  # as if an earlier sweep had finished it with the same settings
+    sweep.fingerprint_path(job).write_text(json.dumps(sweep.fingerprint(job, ["training.epochs=3"])))
     # a fake sbatch on PATH records what it was asked to submit
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
