@@ -96,7 +96,7 @@ def vit_blocks(model: nn.Module) -> list[nn.Module]:
     """
     name = model_name(model)
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
         raise StrategyError(f"{name} ({type(model).__name__}) is not a timm ViT: MLP strategies need "
                             "model.blocks[i].mlp.fc1/fc2 (vit_*, deit_*, deit3_*, ...)")
     for i, block in enumerate(blocks):
