@@ -1,18 +1,19 @@
 """``fastvit-reduce bench loader --data IMAGEFOLDER_DIR``: train-loader throughput, images/s.
 
 Writes the folder's images once to a temporary .beton (every image stored as JPEG quality 90,
-long side at most ``--max-res``, default 256 like ``fastvit-reduce write``), then times full epochs of each variant, interleaved, after one warm-up epoch
-each (worker start-up, numba JIT):
+long side at most ``--max-res``, default 256 like ``fastvit-reduce write``), then times full
+epochs of each variant, interleaved, after one warm-up epoch each (worker start-up, numba JIT):
 
   (a) torchvision ImageFolder + PIL RandomResizedCrop + flip + PILToTensor, DataLoader with
       ``--workers`` persistent worker processes — the ordinary timm/torchvision path;
-  (b) our ffcv train loader (``create_train_loader``, uint8 batches, no RandAugment);
+  (b) our ffcv train loader (``create_train_loader``: crop, flip, uint8 batches, no RandAugment);
   (c) (a) + timm's PIL RandAugment   vs   (b) + our batched RandAugment on the batch;
   (d) the decode+crop ceiling: ``--workers`` processes that only decode the stored JPEG bytes
       (libjpeg-turbo, through ffcv's own C functions) and random-crop/resize them, summed.
 
 Everything runs on the CPU here (the batched RandAugment is meant for the GPU; on the CPU it
-competes with the decode threads). Same batch size and drop_last for all loaders.
+competes with the decode threads). Same batch size and drop_last for all loaders. (d) sums
+per-process rates, as if each had a core to itself; on a busy machine that flatters (d).
 
     fastvit-reduce bench loader --data /tmp/sample/train --res 224 --workers 2
 """
