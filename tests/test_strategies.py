@@ -40,9 +40,10 @@ ALL = sorted(STRATEGIES)
 
 
 def tiny(strategy=None, seed=0, **kw):
+    """The tiny ViT with ``strategy``: the EXPECTED knobs, or exactly ``kw`` (which may also override TINY)."""
     torch.manual_seed(seed)
-    knobs = EXPECTED[strategy][0] if strategy in EXPECTED and not kw else {}
-    return create_model(NAME, strategy, **{**TINY, **knobs, **kw})
+    knobs = kw or (EXPECTED[strategy][0] if strategy else {})
+    return create_model(NAME, strategy, **{**TINY, **knobs})
 
 
 def batch(n=2, seed=1):
@@ -86,24 +87,10 @@ def test_one_log_line_per_application(strategy, caplog):
     assert f"params {param_count(tiny()) / 1e6:.2f}M -> " in lines[0]
 
 
-def test_grouped_log_line():
-    assert "grouped: 4 blocks -> 2 MLPs (scale 0.707, group_size 2)" in _log_of(lambda: tiny("grouped"))
-
-
-def _log_of(fn) -> str:
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("fastvit_reduce.strategies")
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(logging.INFO)
-    try:
-        fn()
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-    return "\n".join(r.getMessage() for r in records)
+def test_grouped_log_line(caplog):
+    with caplog.at_level(logging.INFO, logger="fastvit_reduce.strategies"):
+        tiny("grouped")
+    assert "grouped: 4 blocks -> 2 MLPs (scale 0.707, group_size 2), params 0.21M -> 0.15M" in caplog.text
 
 
 @pytest.mark.parametrize("strategy", ALL)
@@ -195,8 +182,10 @@ def test_shallow_keeps_the_chosen_units_exactly(prune_by):
     assert torch.allclose(base(x), pruned(x), atol=1e-6)
 
 
-def test_grouped_scales_the_kept_mlp_and_trailing_blocks_keep_their_own():
-    base, model = tiny(depth=5), tiny("grouped", depth=5, scale=0.5, group_size=2)
+def test_grouped_scales_the_kept_mlp_and_trailing_blocks_keep_their_own(caplog):
+    with caplog.at_level(logging.INFO, logger="fastvit_reduce.strategies"):
+        base, model = tiny(depth=5), tiny("grouped", depth=5, scale=0.5, group_size=2)
+    assert "trailing block 4 keeps its own MLP" in caplog.text
     blocks = model.blocks
     assert blocks[0].mlp is blocks[1].mlp and blocks[2].mlp is blocks[3].mlp
     assert blocks[4].mlp is not blocks[3].mlp and mlp_stats(model)["unique_mlps"] == 3
@@ -204,7 +193,6 @@ def test_grouped_scales_the_kept_mlp_and_trailing_blocks_keep_their_own():
     assert torch.equal(kept.fc1.weight, orig.fc1.weight * 0.5) and torch.equal(kept.fc1.bias, orig.fc1.bias * 0.5)
     assert torch.equal(kept.fc2.weight, orig.fc2.weight * 0.5) and torch.equal(kept.fc2.bias, orig.fc2.bias)
     assert torch.equal(blocks[4].mlp.fc1.weight, base.blocks[4].mlp.fc1.weight)  # trailing: untouched
-    assert "trailing block 4 keeps its own MLP" in _log_of(lambda: tiny("grouped", depth=5, group_size=2))
 
 
 @pytest.mark.parametrize("ckpt_format", ["ours", "timm"])
