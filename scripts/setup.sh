@@ -32,7 +32,7 @@ fi
 
 stamp=.venv/.fastvit_reduce-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import fastvit_reduce, ffcv" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import importlib.metadata as m; m.version('fastvit_reduce'); import ffcv" 2>/dev/null; then
     echo "setup: .venv is up to date ($ROOT/.venv)"
     exit 0
 fi
