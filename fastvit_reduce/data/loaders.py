@@ -1,7 +1,8 @@
 """FFCV train/val loaders: uint8 batches decoded by ffcv, moved to the device, normalised later.
 
 Train: ``RandomResizedCropRGBImageDecoder`` → ``RandomFlipInPlace`` → ``ToTensor`` → ``ToDevice``
-(skipped for the CPU: it would only copy) → ``ToTorchImage(channels_last)``; labels ``IntDecoder`` → ``ToTensor`` → ``Squeeze`` → ``ToDevice``.
+→ ``ToTorchImage(channels_last)``; labels ``IntDecoder`` → ``ToTensor`` → ``Squeeze`` →
+``ToDevice``. For the CPU device ``ToDevice`` is left out (it would only copy).
 Images stay uint8 until they are on the device; normalisation and the AMP cast happen in torch
 (``fastvit_reduce.augment.batch.normalize``). Why no ffcv ``NormalizeImage``: a numba op after a
 torch op makes ffcv 1.0.2's ``Graph.group_operations`` loop forever, and uint8 moves 4x fewer bytes.
