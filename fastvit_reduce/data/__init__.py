@@ -1,0 +1,1 @@
+"""FFCV data: ImageFolder -> .beton writer, loaders and traversal orders."""
