@@ -135,7 +135,7 @@ SECTIONS = ["data", "resolution", "augment", "model", "reduction", "training", "
 HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "data.batches_ahead",
             "data.train_dataset", "data.val_dataset", "validation.every_n_epochs",
             "validation.batch_size", "training.compile")
-LOG_KEYS = ["epoch", "train_loss", "top_1", "top_5", "ema_top_1", "ema_top_5", "lr", "res",
+LOG_KEYS = ["epoch", "train_loss", "top_1", "top_5", "ema_top_1", "ema_top_5", "val_images", "lr", "res",
             "updates", "epoch_time_s", "train_time_s", "train_img_s", "data_wait_frac", "peak_mem_mb"]
 FINAL_KEYS = ["experiment", "strategy", "arch", "img_size", "epochs", "params", "mlp_params", "gflops",
               "best_top_1", "final_top_1", "best_ema_top_1", "final_ema_top_1", "total_time_s",
@@ -625,6 +625,7 @@ class Trainer:
         for j, prefix in enumerate(models):
             out[f"{prefix}top_1"] = 100 * sums[2 * j] / max(sums[-1], 1)
             out[f"{prefix}top_5"] = 100 * sums[2 * j + 1] / max(sums[-1], 1)
+        out["val_images"] = int(sums[-1])  # summed over ranks: the val set's size, each image once
         return out
 
 
@@ -636,6 +637,7 @@ class Trainer:
         row = {"epoch": epoch, "train_loss": r(s["loss_sum"] / max(s["loss_n"], 1), 5),
                "top_1": r(metrics.get("top_1"), 3), "top_5": r(metrics.get("top_5"), 3),
                "ema_top_1": r(metrics.get("ema_top_1"), 3), "ema_top_5": r(metrics.get("ema_top_5"), 3),
+               "val_images": metrics.get("val_images"),
                "lr": s["lr"], "res": self.train_res(epoch), "updates": self.updates,
                "epoch_time_s": r(s["wall_s"] + eval_s, 3), "train_time_s": r(s["step_s"], 3),
                "train_img_s": r(s["images"] * d.world / max(s["step_s"], 1e-9), 1),

@@ -24,7 +24,7 @@ import torch
 
 from conftest import write_beton
 from fastvit_reduce import checkpoint as ckpt
-from fastvit_reduce.trainer import FINAL_KEYS, lr_at, main, read_rows
+from fastvit_reduce.trainer import FINAL_KEYS, StopSignal, lr_at, main, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = """import sys
@@ -148,7 +148,7 @@ def test_two_processes_end_with_identical_weights(env):
     fin = final(env.runs / "ddp")
     assert fin["completed"] and fin["world_size"] == 2 and fin["ranks_in_sync"] is True
     assert fin["strategy"] == "thin" and fin["params"] < 264_260
-    assert [r["epoch"] for r in rows(env.runs / "ddp")] == [0, 1]
+    assert [(r["epoch"], r["val_images"]) for r in rows(env.runs / "ddp")] == [(0, 24), (1, 24)]
     assert result.stdout.count("epoch 1:") == 1  # only rank 0 logs
 
 
@@ -244,6 +244,18 @@ def test_lr_schedule_warms_up_then_follows_the_cosine():
     steps = [lr_at(2 + 8 * i / 100, **kw) for i in range(101)]
     assert all(a >= b for a, b in zip(steps, steps[1:]))
     assert lr_at(7, **{**kw, "warmup_epochs": 0}, schedule="constant") == 1e-3
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_is_remembered_not_fatal(sig):
+    before = signal.getsignal(sig)
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), sig)
+        assert stop.received == sig
+    finally:
+        stop.restore()
+    assert signal.getsignal(sig) is before
 
 
 def test_checkpoint_roundtrip_keeps_shared_tensors_and_rng(tmp_path):
