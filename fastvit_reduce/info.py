@@ -111,8 +111,15 @@ def table(rows: list[tuple[dict, dict]], title: str) -> str:
         if base:
             cells += [f"{r['params'] / base['params']:.3f}", f"{r['gflops'] / base['gflops']:.3f}"]
         lines.append(cells)
+    return format_table(title, head, lines)
+
+
+def format_table(title: str, head: list[str], lines: list[list[str]]) -> str:
+    """Fixed-width text table: first two columns left-aligned (names), the rest right-aligned."""
     widths = [max(len(c) for c in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
@@ -120,7 +127,8 @@ def main(argv: list[str]) -> int:
     """Print the strategy table (or JSON lines); return the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        args = variant_parser("fastvit-reduce info", __doc__.splitlines()[0], "vit_base_patch16_224", 224).parse_args(argv)
+        parser = variant_parser("fastvit-reduce info", __doc__.splitlines()[0], "vit_base_patch16_224", 224)
+        args = parser.parse_args(argv)
         rows = measure(args)
     except (UsageError, StrategyError) as e:
         print(f"error: {e}", file=sys.stderr)

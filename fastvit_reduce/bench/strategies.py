@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastvit_reduce.info import UsageError, knob_text, timm_kwargs, variant_parser, variants
+from fastvit_reduce.info import UsageError, format_table, knob_text, timm_kwargs, variant_parser, variants
 from fastvit_reduce.models import create_model, gflops
 from fastvit_reduce.strategies import StrategyError
 
@@ -92,9 +92,7 @@ def table(rows: list[tuple[dict, dict]], title: str) -> str:
     head = ["strategy", "knobs", "step ms", "step/base", "FLOPs/base"]
     lines = [[r["strategy"], knob_text(k), f"{r['step_ms']:.1f}", f"{r['step_ratio']:.3f}", f"{r['flop_ratio']:.3f}"]
              for r, k in rows]
-    widths = [max(len(c) for c in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
+    return format_table(title, head, lines)
 
 
 def main(argv: list[str]) -> int:

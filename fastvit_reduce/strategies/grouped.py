@@ -20,7 +20,8 @@ from fastvit_reduce.strategies import (Knob, StrategyError, check_knobs, log, mi
                                        param_count, vit_blocks)
 
 KNOBS = {
-    "scale": Knob(0.707, Number(float, 0, lo_open=True), "multiplier on the shared MLP's fc1.weight, fc1.bias, fc2.weight"),
+    "scale": Knob(0.707, Number(float, 0, lo_open=True),
+                  "multiplier on the shared MLP's fc1.weight, fc1.bias, fc2.weight"),
     "group_size": Knob(2, Number(int, 2), "consecutive blocks sharing one MLP (<= depth)"),
 }
 

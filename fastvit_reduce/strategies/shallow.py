@@ -18,7 +18,8 @@ from fastvit_reduce.strategies import (Knob, StrategyError, check_knobs, log, mi
 KNOBS = {
     "keep_ratio": Knob(0.5, Number(float, 0, 1, lo_open=True), "fraction of MLP hidden units to keep"),
     "prune_by": Knob("first", Choice("first", "magnitude"), "which hidden units to keep"),
-    "round_to": Knob(1, Number(int, 1), "round hidden widths to a multiple of this (1 = exact, 8 = tensor-core friendly)"),
+    "round_to": Knob(1, Number(int, 1),
+                     "round hidden widths to a multiple of this (1 = exact, 8 = tensor-core friendly)"),
 }
 
 

@@ -14,7 +14,8 @@ from fastvit_reduce.strategies import (Knob, StrategyError, check_knobs, log, mi
 
 KNOBS = {
     "mlp_ratio": Knob(2.0, Number(float, 0, lo_open=True), "MLP hidden width / embed dim (timm's ViTs use 4.0)"),
-    "round_to": Knob(1, Number(int, 1), "round hidden widths to a multiple of this (1 = exact, 8 = tensor-core friendly)"),
+    "round_to": Knob(1, Number(int, 1),
+                     "round hidden widths to a multiple of this (1 = exact, 8 = tensor-core friendly)"),
 }
 
 
