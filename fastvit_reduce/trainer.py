@@ -69,7 +69,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .augment.batch import augment_from_config, normalize
-from .config import Bool01, Choice, ConfigError, FloatList, Number, dump_json, load_config, resolved
+from .config import (Bool01, Choice, ConfigError, FloatList, Number, declared_keys, dump_json,
+                     load_config, resolved)
 from .data.loaders import (check_beton, check_datasets, create_train_loader, create_val_loader,
                            get_resolution, set_epoch, set_train_resolution)
 from .ema import ModelEma
@@ -749,6 +750,11 @@ def main(argv: list[str]) -> int:
     code: 0 done (or already complete), 1 crash / non-finite loss / unwritable checkpoint,
     2 configuration or user error, 124 preempted by SIGTERM/SIGUSR1 after writing ``last.pt``."""
     rank0 = int(os.environ.get("RANK", 0)) == 0
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        for key, p in sorted(declared_keys(SECTIONS).items()):
+            print(f"  --{key}={p.default!r}  {p.desc} [{p.checker.help()}]")
+        return EXIT_OK
     try:
         load_config(argv, SECTIONS)
         cfg = resolved(SECTIONS)

@@ -235,6 +235,12 @@ def test_bad_config_exits_2_naming_the_key(env, tmp_path, capsys, extra, yaml_te
     assert not (tmp_path / "runs").exists()  # no work done
 
 
+def test_help_lists_every_key(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "torchrun --nnodes=2" in out and "--training.amp='off'" in out and "--data.train_dataset=''" in out
+
+
 # ----------------------------------------------------------------------------- pure parts
 def test_lr_schedule_warms_up_then_follows_the_cosine():
     kw = dict(peak=1e-3, epochs=10, warmup_epochs=2, warmup_lr=1e-5, min_lr=1e-6)
