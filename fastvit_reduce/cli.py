@@ -12,7 +12,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# why: ffcv's Loader calls torch.set_num_threads(num_workers) while its own decode threads run;
+# spinning OpenMP workers then slowed small torch ops on 2 cores up to ~50x. Must be set before
+# torch is imported (the subcommand modules import it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = {
     "info": "fastvit_reduce.info",
