@@ -191,7 +191,8 @@ class Dist:
         else:
             self.device = torch.device("cpu")
         if self.world > 1:
-            dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+            dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
+                                    device_id=self.device if use_cuda else None)
         self.main = self.rank == 0
 
     def sum(self, values: list[float]) -> list[float]:
