@@ -227,10 +227,10 @@ class StopSignal:
 
 
 def setup_logging(folder: Path | None) -> None:
-    """Rank 0: INFO to stdout and ``train.log``; other ranks (folder None): warnings only."""
+    """Rank 0: INFO to stdout and ``train.log``; other ranks (folder None): errors only."""
     close_logging()
     log.propagate = False  # why: an embedding app's root handlers would print every line twice
-    log.setLevel(logging.INFO if folder else logging.WARNING)
+    log.setLevel(logging.INFO if folder else logging.ERROR)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
     if folder:
@@ -770,9 +770,10 @@ def main(argv: list[str]) -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER
-    except (NonFiniteLoss, ckpt.CheckpointError) as e:
-        log.error(f"error: {e}")
-        print(f"error: {e}", file=sys.stderr)
+    except (NonFiniteLoss, ckpt.CheckpointError) as e:  # every rank raises these together
+        if rank0:
+            log.error(f"error: {e}")  # into train.log too
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_CRASH
     except Exception:
         log.exception("training crashed")
