@@ -654,7 +654,7 @@ class Trainer:
         log.info(f"epoch {epoch}: loss {row['train_loss']:.4f} top-1 {fmt(row['top_1'], '.2f')} "
                  f"ema {fmt(row['ema_top_1'], '.2f')} lr {row['lr']:.2e} {row['train_img_s']:.0f} img/s "
                  f"wait {row['data_wait_frac']:.1%} {row['epoch_time_s']:.1f} s")
-        top1 = metrics.get("top_1")
+        top1 = row["top_1"]
         if top1 is not None and (self.best is None or top1 > self.best):
             self.best = top1
             if cfg["checkpoint.save_best"]:
