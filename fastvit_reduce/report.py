@@ -24,7 +24,7 @@ from pathlib import Path
 
 # CSV columns, in order; the Markdown table shows a readable subset (MD_COLUMNS).
 CSV_COLUMNS = ["experiment", "strategy", "knobs", "params", "mlp_params", "gflops", "img_size",
-               "epochs", "best_top_1", "final_top_1", "best_ema_top_1", "final_ema_top_1",
+               "epochs", "epochs_done", "best_top_1", "final_top_1", "best_ema_top_1", "final_ema_top_1",
                "total_time_s", "train_img_s", "data_wait_frac", "status", "run_dir", "log"]
 
 # strategy -> the reduction.* knobs that describe it (see fastvit_reduce.models)
@@ -121,7 +121,7 @@ def load_run(run_dir: str | Path) -> dict:
     if not final:  # only the per-epoch log: summarise what is there
         top1 = [r["top_1"] for r in log if r.get("top_1") is not None]
         ema = [r["ema_top_1"] for r in log if r.get("ema_top_1") is not None]
-        row.update(epochs=len(log), best_top_1=max(top1, default=None),
+        row.update(epochs_done=len(log), best_top_1=max(top1, default=None),
                    final_top_1=top1[-1] if top1 else None, best_ema_top_1=max(ema, default=None),
                    final_ema_top_1=ema[-1] if ema else None,
                    total_time_s=sum(r.get("epoch_time_s") or 0 for r in log))
@@ -150,6 +150,14 @@ def _duration(seconds) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _epochs(r: dict) -> str:
+    """'8', or 'done/configured' ('3/8') for a run that stopped early."""
+    done, total = r["epochs_done"], r["epochs"]
+    if done is None or done == total:
+        return _num(total, "d")
+    return f"{done}/{_num(total, 'd')}"
+
+
 def _params(n) -> str:
     return "–" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
@@ -161,7 +169,7 @@ MD_COLUMNS = [  # (header, function of a row)
     ("GFLOPs/img", lambda r: _num(r["gflops"], ".3g")),
     ("best top-1 %", lambda r: _num(r["best_top_1"], ".1f")),
     ("best EMA top-1 %", lambda r: _num(r["best_ema_top_1"], ".1f")),
-    ("epochs", lambda r: _num(r["epochs"], "d")),
+    ("epochs", lambda r: _epochs(r)),
     ("wall time", lambda r: _duration(r["total_time_s"])),
     ("train img/s", lambda r: _num(r["train_img_s"], ".0f")),
     ("data wait", lambda r: _num(r["data_wait_frac"], ".0%")),

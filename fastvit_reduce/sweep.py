@@ -341,7 +341,7 @@ def summary_rows(jobs: list[Job], out: Path) -> list[dict]:
         except report.ReportError:
             row = {c: None for c in report.CSV_COLUMNS}
             row.update(experiment=job.name, knobs="", run_dir=str(job.run_dir))
-        row["status"], row["log"] = job.status, str(job.log)
+        row["status"], row["log"] = job.status, str(job.log) if job.log.is_file() else ""
         rows.append(row)
     ours = {job.run_dir.resolve() for job in jobs}
     for run in sorted(out.iterdir()):
