@@ -27,8 +27,9 @@ Never losing work:
   ``HARMLESS`` keys (logging, checkpointing, loader tuning, dataset paths — a node may copy the
   data to its local disk —, eval frequency, compile); ``training.epochs`` is *not* harmless
   (the cosine schedule depends on it) and neither is the number of processes.
-* Signals under torchrun: the launcher forwards SIGTERM/SIGINT to its workers (and SIGKILLs
-  them after its grace period, ~30 s); it does not forward SIGUSR1 — send that to the workers.
+* Signals under torchrun: the launcher forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers
+  (SIGUSR1 too if ``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it) and SIGKILLs them ~30 s later,
+  so saving ``last.pt`` must fit in that grace period; torchrun's own exit code is then not 124.
 * Same order is not same pixels: ffcv 1.0.2 does not seed its random crops per batch, so a
   resumed run trains on the same images in the same batches, but not bit-identically.
 * ``training.max_nonfinite`` consecutive updates with a non-finite loss (on any rank) stop the
