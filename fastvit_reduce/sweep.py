@@ -26,8 +26,9 @@ so a run is exactly what you would get by hand, and its folder is ``OUT/<config 
 Slurm (``--slurm``): instead of running, writes ``OUT/slurm/<stem>.sbatch`` per config — one
 ``srun`` task per node launching ``torchrun --nnodes=$SLURM_NNODES --nproc_per_node=K`` with a c10d
 rendezvous on the first node — and submits each with ``sbatch`` when it is on PATH (else prints the
-scripts' paths). Near the time limit Slurm sends SIGUSR1 (``--signal=B:USR1@180``); the script
-passes it to the trainer, which saves ``last.pt``, and requeues the job, which then resumes.
+scripts' paths). 180 s before the time limit Slurm sends SIGUSR1 to the script
+(``--signal=B:USR1@180``), which sends SIGTERM to the job steps (torchrun passes it on; the
+trainer saves ``last.pt`` and exits) and requeues the job, which then resumes from ``last.pt``.
 Collect results with ``fastvit-reduce report OUT``.
 """
 from __future__ import annotations
@@ -184,8 +185,8 @@ class Runner:
         self.jobs, self.out, self.overrides = jobs, out, overrides
         self.nproc = gpus_per_run if gpus else 1
         # each slot is a set of GPUs one job may use; CPU: a single slot without GPUs
-        self.slots = [gpus[i:i + gpus_per_run] for i in range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)] \
-            if gpus else [[]]
+        starts = range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)
+        self.slots = [gpus[i:i + gpus_per_run] for i in starts] if gpus else [[]]
         self.stream = len(self.slots) == 1  # one job at a time: show its output live
         self.stopping = False
 
@@ -276,12 +277,16 @@ cd {cwd}
 # why: the first node hosts the c10d rendezvous; every node runs one torchrun with {gpus} workers
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT={port}
-# why: torchrun forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers unless told otherwise
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 
 preempted=0
-# scancel without --full signals the job steps (srun -> torchrun -> trainer), not this shell
-trap 'preempted=1; echo "slurm: time limit near, asking the trainer to save last.pt"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+# scancel without --full signals the job steps, not this shell. why TERM, not USR1: every torchrun
+# version forwards SIGTERM to its workers, while an unhandled SIGUSR1 kills torchrun itself.
+on_usr1() {{
+    preempted=1
+    echo "slurm: time limit near, asking the trainer to save last.pt"
+    scancel --signal=TERM "$SLURM_JOB_ID"
+}}
+trap on_usr1 USR1
 srun --kill-on-bad-exit=1 {python} -m torch.distributed.run \\
     --nnodes="$SLURM_NNODES" --nproc_per_node={gpus} \\
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \\
@@ -381,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastvit-reduce sweep", description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="trainer YAML files, one run each")
     p.add_argument("--out", default="runs", help="sweep folder: runs, logs, summary (default: runs)")
-    p.add_argument("--gpus", default=None, help="GPU ids to use, e.g. 0,1,2,3 (default: none = CPU, sequential)")
+    p.add_argument("--gpus", default=None,
+                   help="GPU ids to use, e.g. 0,1,2,3 (default: none = CPU, one run at a time)")
     p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs (= processes) per run (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer override for every run, e.g. --set training.epochs=1 (repeatable)")
@@ -404,7 +410,8 @@ def main(argv: list[str]) -> int:
     try:
         gpus = parse_gpus(args.gpus)
         if args.gpus_per_run < 1 or (gpus and args.gpus_per_run > len(gpus)):
-            raise SweepError(f"--gpus-per-run {args.gpus_per_run} does not fit --gpus {args.gpus or '(none)'}")
+            raise SweepError(f"--gpus-per-run {args.gpus_per_run} does not fit "
+                             f"--gpus {args.gpus or '(none)'}")
         for kv in args.set:
             if "=" not in kv or "." not in kv.split("=")[0] or kv.startswith("-"):
                 raise SweepError(f"--set expects section.key=value, got {kv!r}")

@@ -43,7 +43,8 @@ def test_cpu_sweep_reports_every_run_survives_a_bad_config_and_skips_finished(tm
     assert thin["epochs"] == "1" and 0 <= float(thin["best_top_1"]) <= 100 and int(thin["params"]) > 0
     assert (out / "thin" / "final.json").is_file() and (out / "logs" / "thin.log").is_file()
     md = (out / "sweep_summary.md").read_text()
-    assert md in printed and "- broken: failed (exit 2): error: configuration error: unknown key" in md and str(out / "logs" / "broken.log") in md
+    assert md in printed and str(out / "logs" / "broken.log") in md
+    assert "- broken: failed (exit 2): error: configuration error: unknown key" in md
     assert (out / "sweep_summary.png").is_file()
 
     stamp = (out / "thin" / "final.json").stat().st_mtime_ns
@@ -96,7 +97,7 @@ def test_slurm_scripts_are_written_and_submitted(tmp_path, monkeypatch, capsys):
     assert '--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in text
     assert (f"-m fastvit_reduce.cli train --config {cfg} --logging.folder={tmp_path / 'out'} "
             f"--logging.experiment=thin --training.epochs=3") in text
-    assert "SIGUSR1" in text  # torchrun is told to pass SIGUSR1 on to the trainer
+    assert 'scancel --signal=TERM "$SLURM_JOB_ID"' in text  # torchrun passes SIGTERM on to the trainer
     subprocess.run(["bash", "-n", str(script)], check=True)  # valid shell syntax
 
 
@@ -125,3 +126,26 @@ def test_bad_arguments_stop_before_any_run(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_slots_get_their_own_devices_and_ports(tmp_path, monkeypatch, capsys):
+    """4 GPUs, 2 per run, 3 configs: two jobs at a time, each on its own GPUs and rendezvous port.
+    torchrun is replaced by a stand-in that records its environment and finishes the run."""
+    def fake_torchrun(job, out, overrides, nproc, port):
+        code = ("import json, os, sys, pathlib; run = pathlib.Path(sys.argv[1]); run.mkdir(); "
+                "print('GPUS', os.environ['CUDA_VISIBLE_DEVICES'], 'PORT', sys.argv[2], 'NPROC', sys.argv[3]); "
+                "(run / 'final.json').write_text(json.dumps({'completed': True}))")
+        return [sys.executable, "-c", code, str(job.run_dir), str(port), str(nproc)]
+
+    monkeypatch.setattr(sweep, "torchrun_command", fake_torchrun)
+    configs = []
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.yaml").write_text("{}\n")
+        configs.append(str(tmp_path / f"{name}.yaml"))
+    out = tmp_path / "out"
+    assert sweep.main(configs + ["--gpus", "0,1,2,3", "--gpus-per-run", "2", "--out", str(out)]) == 0
+    seen = {n: (out / "logs" / f"{n}.log").read_text().split("GPUS ")[1].split() for n in "abc"}
+    assert seen["a"][0] == "0,1" and seen["b"][0] == "2,3" and seen["c"][0] in ("0,1", "2,3")
+    assert all(s[4] == "2" for s in seen.values())  # 2 processes per run
+    assert seen["a"][2] != seen["b"][2]  # a and b run together: distinct rendezvous ports
+    assert "GPU 0,1" in capsys.readouterr().out
