@@ -1,13 +1,13 @@
-"""Sweep runner: real 2-config CPU sweep through torchrun + the trainer, failure, skip, Slurm scripts."""
+"""Sweep runner: real CPU sweeps through torchrun + the trainer (failure, skip, stop + resume), GPU slots, Slurm."""
 from __future__ import annotations
 
 import csv
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -149,3 +149,30 @@ def test_gpu_slots_get_their_own_devices_and_ports(tmp_path, monkeypatch, capsys
     assert all(s[4] == "2" for s in seen.values())  # 2 processes per run
     assert seen["a"][2] != seen["b"][2]  # a and b run together: distinct rendezvous ports
     assert "GPU 0,1" in capsys.readouterr().out
+
+
+def test_interrupted_sweep_stops_its_job_and_the_rerun_resumes_it(tmp_path, tiny_beton):
+    """SIGINT to the sweep reaches the trainer as SIGTERM (last.pt, exit 124); re-running resumes."""
+    train = tiny_beton("train.beton", n=64, num_classes=4, size=48)
+    (tmp_path / "thin.yaml").write_text(f"base: {SAMPLE_CONFIGS / 'thin.yaml'}\n")
+    out = tmp_path / "runs"
+    overrides = [kv for kv in TINY if not kv.startswith(("training.epochs", "validation."))]
+    overrides += ["training.epochs=20", f"data.train_dataset={train}", "data.val_dataset="]
+    cmd = [sys.executable, "-m", "fastvit_reduce.cli", "sweep", str(tmp_path / "thin.yaml"), "--out", str(out)]
+    cmd += [a for kv in overrides for a in ("--set", kv)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until the first epoch is logged, then interrupt
+        if "epoch 0: loss" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 124, rest
+    assert "stopped by signal 15" in rest and "thin: stopped — re-run the sweep to resume" in rest
+    assert (out / "thin" / "last.pt").is_file() and not sweep.is_complete(out / "thin")
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "start thin (resuming from last.pt)" in again.stdout
+    assert sweep.is_complete(out / "thin")
+    epochs = [json.loads(line)["epoch"] for line in open(out / "thin" / "log.jsonl")]
+    assert epochs == list(range(20))  # no epoch trained twice, none missing
