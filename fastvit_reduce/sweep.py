@@ -2,7 +2,7 @@
 
     fastvit-reduce sweep rn_configs/{baseline,thin,shallow,grouped}.yaml --gpus 0,1,2,3 --out runs/
     fastvit-reduce sweep rn_configs/sample/*.yaml --out demo_out/runs            # CPU: one by one
-    fastvit-reduce sweep rn_configs/*.yaml --gpus-per-run 2 --nodes 1 --slurm --out runs/
+    fastvit-reduce sweep rn_configs/{thin,grouped}.yaml --slurm --nodes 2 --gpus-per-run 8 --out runs/
 
 Each config is its own ``torchrun`` job (``python -m torch.distributed.run ... -m fastvit_reduce.cli
 train --config C --logging.folder=OUT --logging.experiment=<config stem> [--set overrides]``),
@@ -383,7 +383,9 @@ def make_jobs(configs: list[str], out: Path) -> list[Job]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastvit-reduce sweep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="fastvit-reduce sweep", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n", 1)[1].replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="trainer YAML files, one run each")
     p.add_argument("--out", default="runs", help="sweep folder: runs, logs, summary (default: runs)")
     p.add_argument("--gpus", default=None,
