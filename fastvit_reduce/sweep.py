@@ -1,7 +1,7 @@
 """``fastvit-reduce sweep CONFIG...``: run one training job per config and compare them.
 
     fastvit-reduce sweep rn_configs/{baseline,thin,shallow,grouped}.yaml --gpus 0,1,2,3 --out runs/
-    fastvit-reduce sweep rn_configs/sample/*.yaml --out demo_out/runs            # CPU: one by one
+    fastvit-reduce sweep rn_configs/sample/{baseline,thin}.yaml --out demo_out/runs  # CPU: one by one
     fastvit-reduce sweep rn_configs/{thin,grouped}.yaml --slurm --nodes 2 --gpus-per-run 8 --out runs/
 
 Each config is its own ``torchrun`` job (``python -m torch.distributed.run ... -m fastvit_reduce.cli
