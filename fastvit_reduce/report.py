@@ -85,18 +85,24 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Expand each path to run folders: itself if it is a run, else its run sub-folders."""
+    """Expand each path to run folders: itself if it is a run, else its run sub-folders.
+
+    Other entries (a sweep's ``logs/`` or ``sweep_summary.csv``, as ``runs/sweep1/*`` expands to)
+    are skipped with a note; a missing path, or no run at all, is an error.
+    """
     runs = []
     for p in map(Path, paths):
-        if not p.is_dir():
+        if not p.exists():
             raise ReportError(f"{p}: no such folder")
-        if is_run_dir(p):
+        if p.is_dir() and is_run_dir(p):
             runs.append(p)
             continue
-        children = sorted(c for c in p.iterdir() if c.is_dir() and is_run_dir(c))
+        children = sorted(c for c in p.iterdir() if c.is_dir() and is_run_dir(c)) if p.is_dir() else []
         if not children:
-            raise ReportError(f"{p}: neither a run folder (no final.json / log.jsonl) nor a folder of runs")
+            print(f"report: skipping {p} (not a run folder and holds none)", file=sys.stderr)
         runs.extend(children)
+    if not runs:
+        raise ReportError(f"no run folders (with final.json or log.jsonl) in {', '.join(map(str, paths))}")
     return runs
 
 

@@ -66,7 +66,11 @@ def test_report_default_out_is_parent_and_errors_are_one_line(tmp_path, capsys):
     assert report.main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error:") and "no such folder" in err[0]
-    assert err[1].startswith("error:") and "neither a run folder" in err[1]
+    assert err[-1].startswith("error:") and "no run folders" in err[-1]
+    # a shell glob over a sweep folder also hits logs/ and the summary files: skipped
+    (tmp_path / "sweep" / "logs").mkdir()
+    assert report.main(sorted(str(p) for p in (tmp_path / "sweep").iterdir())) == 0
+    assert "skipping" in capsys.readouterr().err
 
 
 def test_failed_rows_from_the_sweep_are_listed_with_their_log(tmp_path):
