@@ -18,7 +18,7 @@ RUN bash scripts/setup.sh --system-only && rm -rf /var/lib/apt/lists/*
 # The package (keeps the base image's torch: pyproject only asks torch>=2.1).
 COPY pyproject.toml README.md ./
 COPY fastvit_reduce fastvit_reduce
-RUN pip install . && python -c "import ffcv, timm, fastvit_reduce"
+RUN pip install ".[demo]" && python -c "import ffcv, timm, fastvit_reduce"
 
 COPY train.py ./
 COPY rn_configs rn_configs

@@ -52,7 +52,7 @@ def skimage_data_dir() -> Path:
         import skimage
     except ImportError:
         raise RuntimeError("scikit-image is not installed: pip install scikit-image "
-                           "(or pip install -e .[sample])") from None
+                           "(or pip install -e .[demo])") from None
     return Path(skimage.__file__).parent / "data"
 
 
