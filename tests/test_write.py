@@ -25,6 +25,7 @@ from PIL import Image
 
 from fastvit_reduce.data import inspect as inspect_cmd
 from fastvit_reduce.data import write
+from fastvit_reduce.data.loaders import read_classes
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_RES = 64
@@ -194,7 +195,7 @@ def test_write_every_quirk_and_read_back(imagenet, tmp_path, capsys, no_jit):
     assert report["ignored_files"] == 4  # .DS_Store, notes.txt, .hidden.JPEG, LOC_synset_mapping.txt
     assert report["classes"] == CLASSES and report["images_per_s"] > 0
     assert report["settings"]["max_resolution"] == MAX_RES
-    assert write.read_classes(out) == CLASSES and write.read_classes(tmp_path / "none.beton") is None
+    assert read_classes(out) == CLASSES and read_classes(tmp_path / "none.beton") is None
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
     assert inspect_cmd.main([str(out)]) == 0
@@ -359,7 +360,7 @@ def test_write_imagenet_sh(tmp_path, capsys):
         assert write.main(command[5:]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("wrote 2 images of 2 classes")
     assert sorted(p.name for p in out.glob("*.beton")) == ["train_32_0.50_90.beton", "val_32_0.50_90.beton"]
-    assert write.read_classes(out / "val_32_0.50_90.beton") == ["a", "b"]
+    assert read_classes(out / "val_32_0.50_90.beton") == ["a", "b"]
 
     # without a .venv beside the script it runs the `fastvit-reduce` on PATH (as in the Docker image)
     (tmp_path / "repo/scripts").mkdir(parents=True)

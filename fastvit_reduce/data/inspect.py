@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastvit_reduce.data.write import read_classes
+from fastvit_reduce.data.loaders import read_classes
 
 
 def summarize(path: str | Path) -> dict:

@@ -440,17 +440,6 @@ def _remove_stale_partials(target: Path) -> None:
                 raise InputError(f"another write to {target} is running (pid {pid}, file {old})")
 
 
-def read_classes(beton_path: str | Path) -> list[str] | None:
-    """Class names stored beside a ``.beton`` by this writer (index = label), or None if absent."""
-    path = Path(f"{beton_path}.classes.json")
-    if not path.is_file():
-        return None
-    classes = json.loads(path.read_text())
-    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-        raise ValueError(f"{path}: expected a JSON list of class names")
-    return classes
-
-
 def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: int = 256,
                 write_mode: str = "proportion", compress_probability: float = 0.5,
                 smart_threshold: int = 224 * 224 * 3, jpeg_quality: int = 90,
