@@ -208,6 +208,8 @@ class Runner:
         # own session: a Ctrl-C reaches the jobs only through us, once, as SIGTERM (see stop())
         job.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE if self.stream else job.logf,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if self.stopping:  # why: a signal that came while we were starting found no process to stop
+            job.proc.send_signal(signal.SIGTERM)
         job.start = time.time()
         job.status = "running"
 
@@ -276,7 +278,10 @@ SBATCH_TEMPLATE = """#!/bin/bash
 cd {cwd}
 # why: the first node hosts the c10d rendezvous; every node runs one torchrun with {gpus} workers
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT={port}
+# why a port per job: jobs of one sweep (1 GPU each by default) often share a node, and two
+# rendezvous servers on one fixed port would make the second job fail (10000-29999: below the
+# kernel's ephemeral ports)
+export MASTER_PORT=$(( {port} + SLURM_JOB_ID % 20000 ))
 
 preempted=0
 # scancel without --full signals the job steps, not this shell. why TERM, not USR1: every torchrun
@@ -312,7 +317,7 @@ def write_sbatch(job: Job, out: Path, overrides: list[str], *, nodes: int, gpus_
         config=job.config, script=script.resolve(), out=out.resolve(), name=job.name, nodes=nodes,
         gpus=gpus_per_node, cpus=cpus_per_task, time=time_limit,
         log=job.log.resolve().with_suffix(".%j.log"), extra="".join(f"#SBATCH {e}\n" for e in extra),
-        cwd=shlex.quote(os.getcwd()), port=29500, python=shlex.quote(sys.executable),
+        cwd=shlex.quote(os.getcwd()), port=10000, python=shlex.quote(sys.executable),
         train_args=shlex.join(train_args(job, out, overrides)))
     script.write_text(text)
     script.chmod(0o755)

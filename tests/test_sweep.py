@@ -98,6 +98,11 @@ def test_slurm_scripts_are_written_and_submitted(tmp_path, monkeypatch, capsys):
     assert (f"-m fastvit_reduce.cli train --config {cfg} --logging.folder={tmp_path / 'out'} "
             f"--logging.experiment=thin --training.epochs=3") in text
     assert 'scancel --signal=TERM "$SLURM_JOB_ID"' in text  # torchrun passes SIGTERM on to the trainer
+    # two jobs sharing a node (1 GPU each) must not both host their rendezvous on one port
+    [port_line] = [t for t in text.splitlines() if t.startswith("export MASTER_PORT=")]
+    ports = {subprocess.run(["bash", "-c", f"{port_line}; echo $MASTER_PORT"], text=True, capture_output=True,
+                            env={"SLURM_JOB_ID": job_id}).stdout.strip() for job_id in ("41", "42")}
+    assert len(ports) == 2 and all(10000 <= int(p) < 30000 for p in ports), ports
     subprocess.run(["bash", "-n", str(script)], check=True)  # valid shell syntax
 
 
@@ -176,3 +181,17 @@ def test_interrupted_sweep_stops_its_job_and_the_rerun_resumes_it(tmp_path, tiny
     assert sweep.is_complete(out / "thin")
     epochs = [json.loads(line)["epoch"] for line in open(out / "thin" / "log.jsonl")]
     assert epochs == list(range(20))  # no epoch trained twice, none missing
+
+
+def test_a_signal_during_job_start_still_stops_that_job(tmp_path, monkeypatch):
+    """SIGINT arriving between the slot check and Popen: the new job must get SIGTERM too."""
+    monkeypatch.setattr(sweep, "torchrun_command",
+                        lambda *a: [sys.executable, "-c", "import time; time.sleep(60)"])
+    (tmp_path / "a.yaml").write_text("{}\n")
+    [job] = sweep.make_jobs([str(tmp_path / "a.yaml")], tmp_path / "out")
+    runner = sweep.Runner([job], tmp_path / "out", [], gpus=[], gpus_per_run=1)
+    runner.stream = False
+    runner.stopping = True  # as if stop() ran while _start was building the command
+    runner._start(job, [], set())
+    assert job.proc.wait(timeout=30) == -signal.SIGTERM
+    job.logf.close()
