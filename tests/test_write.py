@@ -242,6 +242,25 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, case):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_scan_skips_hidden_subfolders_and_refuses_unlistable_ones(tmp_path, monkeypatch):
+    for rel in ("a/x.JPEG", "a/.ipynb_checkpoints/x-checkpoint.JPEG", "a/sub/y.JPEG", "b/z.png"):
+        (tmp_path / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "train" / rel, format="PNG")
+    split = write.scan_split(tmp_path, "train")
+    assert [os.fsdecode(f) for f in split.files] == ["a/x.JPEG", "a/sub/y.JPEG", "b/z.png"]  # make_dataset order
+    assert split.labels.tolist() == [0, 0, 1] and split.ignored == 1
+
+    # a sub-folder that cannot be listed (permissions, a dead mount) must not silently lose its images
+    scandir = os.scandir
+    def failing(path="."):
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", failing)
+    with pytest.raises(write.InputError, match=r"cannot list .*sub: Permission denied"):
+        write.scan_split(tmp_path, "train")
+
+
 def test_full_disk_fails_cleanly_and_keeps_the_old_file(tmp_path, capsys):
     import resource
     for c in ("a", "b"):  # 4 raw 1000 px images of 3 MB: the 3rd overflows ffcv's first 8 MiB page
@@ -376,3 +395,15 @@ def test_write_imagenet_sh(tmp_path, capsys):
     assert [c.split()[:3] for c in calls] == [["write", f"--cfg.data_dir={imagenet}", "--cfg.split=train"],
                                               ["write", f"--cfg.data_dir={imagenet}", "--cfg.split=val"]]
     assert f"--cfg.write_path={out}/val_32_0.50_90.beton" in calls[1]
+
+
+def test_inspect_reports_broken_side_files_instead_of_failing(tiny_beton, capsys):
+    path = tiny_beton("data.beton", n=8, num_classes=2, size=16)
+    Path(f"{path}.classes.json").write_text('["a", "b"')  # torn by a crash
+    Path(f"{path}.report.json").write_text("{")
+    assert inspect_cmd.main([path]) == 0
+    shown = capsys.readouterr().out
+    assert "samples: 8" in shown and "classes: 2 (no .classes.json)" in shown
+    assert f"PROBLEM: {path}.classes.json: not valid JSON" in shown
+    assert f"PROBLEM: {path}.report.json: not valid JSON" in shown
+    assert inspect_cmd.main([path, "--bogus"]) == 2 and "usage" in capsys.readouterr().err

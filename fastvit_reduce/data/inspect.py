@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastvit_reduce.config import ConfigError
 from fastvit_reduce.data.loaders import read_classes
 
 
@@ -40,7 +41,12 @@ def summarize(path: str | Path) -> dict:
             "long_side": _stats(long_side),
             "jpeg_fraction": float((meta["mode"] == 0).mean()) if len(meta) else 0.0,
         }
-    classes = read_classes(path)
+    problems = []  # why: a broken side file is reported, not mistaken for a broken .beton
+    try:
+        classes = read_classes(path)
+    except ConfigError as e:
+        classes = None
+        problems.append(str(e))
     labels = [f for f, h in reader.handlers.items() if isinstance(h, IntField)]
     if labels:
         values = columns[labels[0]].astype(np.int64)
@@ -52,11 +58,17 @@ def summarize(path: str | Path) -> dict:
                          "empty_classes": int((counts == 0).sum()),
                          "negative": int((values < 0).sum())}
         if classes is not None and len(values) and values.max() >= len(classes):
-            out["problems"] = [f"label {int(values.max())} but only {len(classes)} names in "
-                               f"{path}.classes.json"]
+            problems.append(f"label {int(values.max())} but only {len(classes)} names in "
+                            f"{path}.classes.json")
     out["classes"] = classes
-    report = Path(f"{path}.report.json")
-    out["report"] = json.loads(report.read_text()) if report.is_file() else None
+    report, out["report"] = Path(f"{path}.report.json"), None
+    if report.is_file():
+        try:
+            out["report"] = json.loads(report.read_text())
+        except ValueError as e:
+            problems.append(f"{report}: not valid JSON ({e})")
+    if problems:
+        out["problems"] = problems
     return out
 
 

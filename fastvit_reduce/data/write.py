@@ -99,11 +99,17 @@ class Split:
         return str(self.root / os.fsdecode(self.files[i]))
 
 
+def _unlistable(e: OSError) -> None:
+    """os.walk's onerror: a folder we cannot list would silently drop its images (walk's default)."""
+    raise InputError(f"cannot list {e.filename}: {e.strerror or e}")
+
+
 def scan_split(data_dir: str | Path, split: str, subset: int = -1) -> Split:
     """List ``data_dir/split/<class>/**/<image>`` like torchvision's ImageFolder (sorted walk,
     symlinks followed, same extensions); hidden files/folders and non-images are not samples.
 
-    Raises ``WriteError`` for a missing folder, no classes, or a class without images.
+    Raises ``InputError`` for a missing folder, no classes, a class without images, or a folder
+    that cannot be listed.
     """
     if not str(data_dir):
         raise InputError("no input folder: set --cfg.data_dir (the folder holding train/ and val/)")
@@ -128,9 +134,12 @@ def scan_split(data_dir: str | Path, split: str, subset: int = -1) -> Split:
     files, labels, empty = [], [], []
     for label, name in enumerate(classes):
         found = []
-        # why sorted(os.walk(...)): the same file order as torchvision's make_dataset
-        for dirpath, dirnames, fnames in sorted(os.walk(root / name, followlinks=True)):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # why sorted(os.walk(...)): the same file order as torchvision's make_dataset; the walk is
+        # complete before the loop starts, so hidden sub-folders are dropped here, not pruned
+        for dirpath, _, fnames in sorted(os.walk(root / name, onerror=_unlistable, followlinks=True)):
+            if any(part.startswith(".") for part in Path(dirpath).relative_to(root / name).parts):
+                ignored += len(fnames)
+                continue
             for f in sorted(fnames):
                 if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
                     found.append(os.fsencode(os.path.relpath(os.path.join(dirpath, f), root)))
