@@ -118,6 +118,8 @@ def build_sample(out: str | Path, *, seed: int = 0, train_per_class: int = 40, v
     settings = dict(format_version=FORMAT_VERSION, seed=seed, train_per_class=train_per_class,
                     val_per_class=val_per_class, min_size=min_size, max_size=max_size,
                     num_classes=num_classes or len(SOURCES))
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder")
     manifest_path = out / "sample.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())

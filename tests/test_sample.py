@@ -64,3 +64,6 @@ def test_cli_reuses_same_settings_and_refuses_others(built, capsys):
     assert "other settings" in capsys.readouterr().err
     assert sample.main(["--out", root + "_x", "--min-size", "500", "--max-size", "100"]) == 2
     assert "--min-size" in capsys.readouterr().err
+    (built / "a_file").write_text("")
+    assert sample.main(["--out", str(built / "a_file")]) == 2
+    assert "is a file" in capsys.readouterr().err
