@@ -213,7 +213,7 @@ def test_on_error_raise_names_the_file(imagenet, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_data_dir", "no_split", "empty_class", "flat_folder",
-                                  "no_output_dir", "unknown_key"])
+                                  "no_output_dir", "unknown_key", "dangling_class_link"])
 def test_bad_input_is_refused_before_any_work(tmp_path, capsys, case):
     root, out = tmp_path / "in", tmp_path / "out" / "train.beton"
     (tmp_path / "out").mkdir()
@@ -233,11 +233,16 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, case):
         argv[1] = f"--cfg.write_path={tmp_path / 'missing' / 'x.beton'}"
     if case == "unknown_key":
         argv.append("--cfg.max_res=64")
+    if case == "dangling_class_link":
+        (root / "train/a").mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(root / "train/a/x.JPEG")
+        (root / "train/b").symlink_to(tmp_path / "unmounted" / "b")
     assert write.main(argv) == 2
     err = capsys.readouterr().err
     expected = {"no_data_dir": "input folder not found", "no_split": "no 'train' folder",
                 "empty_class": "hold no image files: b", "flat_folder": "sort them into class folders",
-                "no_output_dir": "output folder not found", "unknown_key": "did you mean 'cfg.max_resolution'"}
+                "no_output_dir": "output folder not found", "unknown_key": "did you mean 'cfg.max_resolution'",
+                "dangling_class_link": "broken symlink(s) in"}
     assert expected[case] in err and err.startswith("error: ")
     assert list((tmp_path / "out").iterdir()) == []
 

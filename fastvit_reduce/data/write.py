@@ -123,6 +123,9 @@ def scan_split(data_dir: str | Path, split: str, subset: int = -1) -> Split:
         raise InputError(f"no '{split}' folder in {data_dir}{hint}; expected "
                          f"{data_dir}/{split}/<class>/<image> (ImageFolder layout)")
     entries = sorted(os.scandir(root), key=lambda e: e.name)
+    dangling = [e.name for e in entries if e.is_symlink() and not os.path.exists(e.path)]
+    if dangling:  # why: most likely a class folder on an unmounted disk; skipping it shifts every label
+        raise InputError(f"broken symlink(s) in {root}: {', '.join(dangling[:10])}")
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     ignored = sum(1 for e in entries if not e.is_dir())
     if not classes:
