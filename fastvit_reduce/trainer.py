@@ -344,6 +344,8 @@ class Trainer:
         self.val_res = cfg["validation.resolution"] or img
         dynamic = {cfg["resolution.min_res"], cfg["resolution.max_res"], self.val_res} != {img}
         model = model_from_config(dynamic_img_size=dynamic)
+        if dynamic:
+            check_resolutions(cfg, model.patch_embed.patch_size)
         stats = mlp_stats(model)
         self.model_stats = {"params": param_count(model), "mlp_params": stats["mlp_params"],
                             "gflops": round(gflops(model, img), 4)}
@@ -734,8 +736,36 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- entry point
+def train_resolutions(cfg: dict) -> set[int]:
+    """Every train resolution of the ``resolution.*`` schedule over ``training.epochs``."""
+    c = cfg
+    try:
+        return {get_resolution(e, c["resolution.min_res"], c["resolution.max_res"], c["resolution.start_ramp"],
+                               c["resolution.end_ramp"], c["resolution.step"]) for e in range(c["training.epochs"])}
+    except ValueError as e:  # e.g. min_res > max_res; the message names the keys
+        raise ConfigError(str(e)) from None
+
+
+def check_resolutions(cfg: dict, patch_size) -> None:
+    """``ConfigError`` unless every train resolution and the val resolution is a multiple of the
+    model's ``patch_size`` (int or (h, w)). Why: with ``dynamic_img_size`` timm asserts this in the
+    forward, so a bad size would crash the run at its first step or first evaluation."""
+    patch = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (int(patch_size),)
+    fits = lambda res: all(res % p == 0 for p in patch)  # noqa: E731 — images are square
+    val_res = cfg["validation.resolution"] or cfg["model.img_size"]
+    bad = [f"train resolution {r} (resolution.min_res/max_res/step)" for r in sorted(train_resolutions(cfg))
+           if not fits(r)]
+    if not fits(val_res):
+        bad.append(f"val resolution {val_res} (validation.resolution, 0 = model.img_size)")
+    if bad:
+        raise ConfigError(f"the model's patch size is {'x'.join(map(str, patch))} px, so image sizes "
+                          f"must be multiples of it: {', '.join(bad)}")
+
+
 def check_inputs(cfg: dict) -> None:
-    """User errors worth catching before any work: missing datasets, CUDA asked for but absent."""
+    """User errors worth catching before any work: missing datasets, CUDA asked for but absent,
+    an impossible resolution schedule."""
+    train_resolutions(cfg)
     try:
         if cfg["data.val_dataset"]:
             check_datasets(cfg["data.train_dataset"], cfg["data.val_dataset"])

@@ -24,7 +24,8 @@ import torch
 
 from conftest import write_beton
 from fastvit_reduce import checkpoint as ckpt
-from fastvit_reduce.trainer import FINAL_KEYS, StopSignal, lr_at, main, read_rows
+from fastvit_reduce.config import ConfigError
+from fastvit_reduce.trainer import FINAL_KEYS, StopSignal, check_resolutions, lr_at, main, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = """import sys
@@ -222,6 +223,7 @@ def test_nonfinite_loss_stops_and_keeps_a_finite_checkpoint(env):
     (["--training.epochs=0"], "", "training.epochs"),                     # out of range
     (["--trainig.epochs=3"], "", "trainig.epochs"),                        # unknown CLI key
     (["--training.amp=fp8"], "", "training.amp"),                          # not a choice
+    (["--resolution.min_res=64"], "", "resolution.min_res"),               # min_res > max_res
     (["--data.train_dataset=/nonexistent.beton"], "", "data.train_dataset"),
 ])
 def test_bad_config_exits_2_naming_the_key(env, tmp_path, capsys, extra, yaml_text, key):
@@ -242,6 +244,17 @@ def test_help_lists_every_key(capsys):
 
 
 # ----------------------------------------------------------------------------- pure parts
+def test_resolutions_must_be_multiples_of_the_patch_size():
+    cfg = {"resolution.min_res": 24, "resolution.max_res": 40, "resolution.start_ramp": 0,
+           "resolution.end_ramp": 4, "resolution.step": 8, "training.epochs": 5,
+           "validation.resolution": 0, "model.img_size": 32}
+    check_resolutions(cfg, (8, 8))  # 24, 32, 40 and val 32: all fit
+    with pytest.raises(ConfigError, match=r"patch size is 16x16.*train resolution 24.*train resolution 40"):
+        check_resolutions(cfg, (16, 16))
+    with pytest.raises(ConfigError, match=r"val resolution 36 \(validation.resolution"):
+        check_resolutions({**cfg, "validation.resolution": 36}, 8)
+
+
 def test_lr_schedule_warms_up_then_follows_the_cosine():
     kw = dict(peak=1e-3, epochs=10, warmup_epochs=2, warmup_lr=1e-5, min_lr=1e-6)
     assert lr_at(0, **kw) == 1e-5 and lr_at(2, **kw) == pytest.approx(1e-3)
