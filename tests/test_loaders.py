@@ -228,3 +228,19 @@ def test_bench_posterize_guard_and_table(tmp_path):
     text = bench.table(result, args, "header")
     assert "4.00x" in text and "0.80x" in text and "n/a" in text
     assert bench.main(["--data", str(tmp_path / "missing")]) == 2
+
+
+def test_bench_ceiling_pool_empty_shard_and_dead_worker(tmp_path):
+    """More workers than images is fine; a worker that dies is an error, not a hang."""
+    from fastvit_reduce.bench.loader import CeilingPool
+
+    pool = CeilingPool(write_beton(tmp_path / "one.beton", n=1, size=24, write_mode="jpg"), res=16, workers=2)
+    try:
+        images, seconds = pool.run_epoch()  # worker 1 has an empty shard
+        assert images == 1 and seconds > 0
+        pool.procs[1].kill()
+        pool.procs[1].join(10)
+        with pytest.raises(RuntimeError, match="ceiling worker 1 exited with code -9"):
+            pool.run_epoch()
+    finally:
+        pool.close()

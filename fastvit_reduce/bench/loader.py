@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import sys
 import tempfile
 import time
@@ -163,7 +164,8 @@ def _ceiling_worker(beton: str, shard: int, shards: int, res: int, tasks, result
     size_at = dict(zip(alloc["ptr"].tolist(), alloc["size"].tolist()))
     data = np.memmap(beton, dtype=np.uint8, mode="r")
     jpegs = [np.asarray(data[p:p + size_at[p]]) for p in meta["data_ptr"].tolist()]  # bytes in RAM
-    temp = np.empty(int(meta["height"].max()) * int(meta["width"].max()) * 3, np.uint8)
+    # initial=0: a shard may be empty when there are fewer images than workers
+    temp = np.empty(int(meta["height"].max(initial=0)) * int(meta["width"].max(initial=0)) * 3, np.uint8)
     out = np.empty((res, res, 3), np.uint8)
     scale, ratio = np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3])
     assert (meta["mode"] == IMAGE_MODES["jpg"]).all()
@@ -186,29 +188,52 @@ class CeilingPool:
 
         ctx = mp.get_context("spawn")  # why: the parent already runs ffcv/torch threads
         self.tasks = [ctx.SimpleQueue() for _ in range(workers)]
-        self.results = ctx.SimpleQueue()
+        self.results = ctx.Queue()  # why not SimpleQueue: get() needs a timeout to notice a dead worker
         self.procs = [ctx.Process(target=_ceiling_worker, daemon=True,
                                   args=(str(beton), k, workers, res, self.tasks[k], self.results))
                       for k in range(workers)]
         for p in self.procs:
             p.start()
-        for _ in self.procs:
-            if self.results.get() != "ready":
-                raise RuntimeError("ceiling worker failed to start")
+        try:
+            for _ in self.procs:
+                if self._get() != "ready":
+                    raise RuntimeError("ceiling worker failed to start")
+        except BaseException:
+            self.terminate()
+            raise
+
+    def _get(self):
+        """The next worker message; raise if a worker died (a bare get() would wait forever)."""
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [(k, p.exitcode) for k, p in enumerate(self.procs) if p.exitcode is not None]
+                if dead:
+                    raise RuntimeError(f"ceiling worker {dead[0][0]} exited with code {dead[0][1]} "
+                                       "(its error is printed above)") from None
 
     def run_epoch(self) -> tuple[int, float]:
         """(images, seconds) with seconds = images / (sum of per-process images/s)."""
         for q in self.tasks:
             q.put(1)
-        parts = [self.results.get() for _ in self.procs]
+        parts = [self._get() for _ in self.procs]
         images = sum(n for n, _ in parts)
-        return images, images / sum(n / s for n, s in parts)
+        return images, images / sum(n / s for n, s in parts if n)  # an empty shard adds no rate
 
     def close(self) -> None:
-        for q in self.tasks:
-            q.put(None)
+        for q, p in zip(self.tasks, self.procs):
+            if p.is_alive():
+                q.put(None)
+        self.terminate(grace_s=10)
+
+    def terminate(self, grace_s: float = 0.0) -> None:
+        """Wait up to ``grace_s`` for the workers to exit, then kill the rest."""
         for p in self.procs:
-            p.join(10)
+            p.join(grace_s)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
 
 
 def run_epoch(loader, augment=None) -> tuple[int, float]:
