@@ -142,14 +142,16 @@ def test_one_process_trains_logs_and_refuses_a_changed_config(env, capsys):
 
 
 def test_two_processes_end_with_identical_weights(env):
-    """torchrun, gloo: thin MLPs, the seed's augmentation, bf16 autocast, grad accumulation."""
+    """torchrun, gloo: thin MLPs, the seed's augmentation, bf16 autocast, grad accumulation,
+    progressive resizing (24 px then 32 px; val at 32 px, so timm's dynamic_img_size)."""
     result = ok(train(env, "--logging.experiment=ddp", "--reduction.strategy=thin",
                       "--reduction.mlp_ratio=2.0", "--training.amp=bf16", "--training.grad_accum_steps=2",
+                      "--resolution.min_res=24", "--resolution.end_ramp=1",
                       *HEAVY, torchrun=["--standalone", "--nproc-per-node=2"]))
     fin = final(env.runs / "ddp")
     assert fin["completed"] and fin["world_size"] == 2 and fin["ranks_in_sync"] is True
     assert fin["strategy"] == "thin" and fin["params"] < 264_260
-    assert [(r["epoch"], r["val_images"]) for r in rows(env.runs / "ddp")] == [(0, 24), (1, 24)]
+    assert [(r["epoch"], r["val_images"], r["res"]) for r in rows(env.runs / "ddp")] == [(0, 24, 24), (1, 24, 32)]
     assert result.stdout.count("epoch 1:") == 1  # only rank 0 logs
 
 
