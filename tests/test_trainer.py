@@ -321,3 +321,17 @@ def test_read_rows_drops_redone_epochs_and_torn_lines(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2}\n{"epo')
     assert read_rows(tmp_path / "log.jsonl", before_epoch=2) == [{"epoch": 0}, {"epoch": 1}]
     assert read_rows(tmp_path / "missing.jsonl", 5) == []
+
+
+def test_optimizer_has_no_weight_decay_on_1d_params_pos_embed_and_cls_token():
+    from fastvit_reduce.models import create_model
+    from fastvit_reduce.trainer import Trainer
+
+    model = create_model("test_vit", strategy="grouped", num_classes=4, img_size=32, patch_size=8)
+    cfg = {"optim.weight_decay": 0.05, "optim.betas": [0.9, 0.999], "optim.eps": 1e-8, "optim.fused": 1}
+    opt = Trainer.build_optimizer(SimpleNamespace(cfg=cfg, model=model, peak_lr=1e-3))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed and all(p.ndim > 1 for n, p in model.named_parameters() if n in decayed)
+    assert {"pos_embed", "cls_token"} <= set(names.values()) and not decayed & {"pos_embed", "cls_token"}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)  # shared MLP tensors once
