@@ -73,7 +73,7 @@ from .augment.batch import augment_from_config, normalize
 from .config import (Bool01, Choice, ConfigError, FloatList, Number, declared_keys, dump_json,
                      load_config, resolved)
 from .data.loaders import (check_beton, check_datasets, create_train_loader, create_val_loader,
-                           get_resolution, set_epoch, set_train_resolution)
+                           get_resolution, read_classes, set_epoch, set_train_resolution)
 from .ema import ModelEma
 from .models import gflops, mlp_stats, model_from_config, param_count
 from .strategies import StrategyError
@@ -773,6 +773,11 @@ def check_inputs(cfg: dict) -> None:
             check_beton(cfg["data.train_dataset"])
     except ConfigError as e:
         raise ConfigError(f"data.train_dataset / data.val_dataset: {e}") from None
+    classes = read_classes(cfg["data.train_dataset"])  # the writer's list; None if absent
+    if classes is not None and len(classes) > cfg["model.num_classes"]:
+        # why here: a label >= num_classes would crash the first step (a device assert on CUDA)
+        raise ConfigError(f"model.num_classes={cfg['model.num_classes']}, but {cfg['data.train_dataset']} "
+                          f"has {len(classes)} classes (its .classes.json)")
     if cfg["training.device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device=cuda, but torch sees no CUDA device")
 

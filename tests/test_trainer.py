@@ -246,6 +246,19 @@ def test_help_lists_every_key(capsys):
 
 
 # ----------------------------------------------------------------------------- pure parts
+def test_num_classes_below_the_datasets_class_count_is_refused(tmp_path):
+    from fastvit_reduce.trainer import check_inputs
+
+    beton = write_beton(tmp_path / "d.beton", n=4, size=16)
+    Path(f"{beton}.classes.json").write_text(json.dumps(["a", "b", "c", "d", "e"]))
+    cfg = {"data.train_dataset": beton, "data.val_dataset": "", "model.num_classes": 4, "training.device": "cpu",
+           "resolution.min_res": 16, "resolution.max_res": 16, "resolution.start_ramp": 0,
+           "resolution.end_ramp": 0, "resolution.step": 8, "training.epochs": 1}
+    with pytest.raises(ConfigError, match=r"model.num_classes=4, but .* has 5 classes"):
+        check_inputs(cfg)
+    check_inputs({**cfg, "model.num_classes": 5})
+
+
 def test_resolutions_must_be_multiples_of_the_patch_size():
     cfg = {"resolution.min_res": 24, "resolution.max_res": 40, "resolution.start_ramp": 0,
            "resolution.end_ramp": 4, "resolution.step": 8, "training.epochs": 5,
