@@ -344,8 +344,9 @@ class Trainer:
         self.val_res = cfg["validation.resolution"] or img
         dynamic = {cfg["resolution.min_res"], cfg["resolution.max_res"], self.val_res} != {img}
         model = model_from_config(dynamic_img_size=dynamic)
-        if dynamic:
-            check_resolutions(cfg, model.patch_embed.patch_size)
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        if dynamic and patch:
+            check_resolutions(cfg, patch)
         stats = mlp_stats(model)
         self.model_stats = {"params": param_count(model), "mlp_params": stats["mlp_params"],
                             "gflops": round(gflops(model, img), 4)}
