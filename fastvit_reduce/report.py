@@ -172,7 +172,7 @@ MD_COLUMNS = [  # (header, function of a row)
     ("run", lambda r: r["experiment"]),
     ("strategy", lambda r: (r["strategy"] or "?") + (f" ({r['knobs']})" if r["knobs"] else "")),
     ("params", lambda r: _params(r["params"])),
-    ("GFLOPs/img", lambda r: _num(r["gflops"], ".3g")),
+    ("GFLOPs/img", lambda r: _num(r["gflops"], "#.3g")),
     ("best top-1 %", lambda r: _num(r["best_top_1"], ".1f")),
     ("best EMA top-1 %", lambda r: _num(r["best_ema_top_1"], ".1f")),
     ("epochs", lambda r: _epochs(r)),
