@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import multiprocessing as mp
 import os
 import queue
