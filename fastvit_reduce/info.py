@@ -123,12 +123,12 @@ def format_table(title: str, head: list[str], lines: list[list[str]]) -> str:
     return "\n".join([title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
-def main(argv: list[str]) -> int:
-    """Print the strategy table (or JSON lines); return the exit code."""
+def run_cli(argv: list[str], parse, measure, render) -> int:
+    """``main`` of ``info`` and ``bench strategies``: ``rows = measure(parse(argv))``, printed as JSON lines
+    (``--json``) or as ``render(args, rows)``; a usage or strategy error is one ``error:`` line, exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        parser = variant_parser("fastvit-reduce info", __doc__.splitlines()[0], "vit_base_patch16_224", 224)
-        args = parser.parse_args(argv)
+        args = parse(argv)
         rows = measure(args)
     except (UsageError, StrategyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -137,6 +137,13 @@ def main(argv: list[str]) -> int:
         for row, _ in rows:
             print(json.dumps(row))
     else:
-        print(table(rows, f"{args.model} @ {args.img_size} px, {args.num_classes} classes; "
-                          "GFLOPs = forward, per image (torch.utils.flop_counter)"))
+        print(render(args, rows))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Print the strategy table (or JSON lines); return the exit code."""
+    parser = variant_parser("fastvit-reduce info", __doc__.splitlines()[0], "vit_base_patch16_224", 224)
+    return run_cli(argv, parser.parse_args, measure, lambda args, rows: table(
+        rows, f"{args.model} @ {args.img_size} px, {args.num_classes} classes; "
+              "GFLOPs = forward, per image (torch.utils.flop_counter)"))

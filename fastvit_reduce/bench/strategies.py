@@ -11,18 +11,14 @@ Timing: CUDA events on GPU, ``time.perf_counter`` on CPU (where the step is sync
 """
 from __future__ import annotations
 
-import json
-import logging
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from fastvit_reduce.info import UsageError, format_table, knob_text, timm_kwargs, variant_parser, variants
+from fastvit_reduce.info import UsageError, format_table, knob_text, run_cli, timm_kwargs, variant_parser, variants
 from fastvit_reduce.models import create_model, gflops
-from fastvit_reduce.strategies import StrategyError
 
 
 def parse(argv: list[str]):
@@ -97,19 +93,12 @@ def table(rows: list[tuple[dict, dict]], title: str) -> str:
 
 def main(argv: list[str]) -> int:
     """Run the benchmark and print the table (or JSON lines); return the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        args = parse(argv)
-        rows = run(args)
-    except (UsageError, StrategyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        for row, _ in rows:
-            print(json.dumps(row))
-    else:
-        device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
-            f"cpu ({torch.get_num_threads()} threads)"
-        print(table(rows, f"{args.model} @ {args.img_size} px, batch {args.batch_size}, median of {args.steps} "
-                          f"steps (+{args.warmup} warm-up), fwd+bwd+AdamW fp32, {device}, torch {torch.__version__}"))
-    return 0
+    return run_cli(argv, parse, run, render)
+
+
+def render(args, rows: list[tuple[dict, dict]]) -> str:
+    """The table, titled with the model, batch, step count, device and torch version."""
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
+        f"cpu ({torch.get_num_threads()} threads)"
+    return table(rows, f"{args.model} @ {args.img_size} px, batch {args.batch_size}, median of {args.steps} "
+                       f"steps (+{args.warmup} warm-up), fwd+bwd+AdamW fp32, {device}, torch {torch.__version__}")
