@@ -48,3 +48,13 @@ def tiny_beton(tmp_path):
     def make(name: str = "data.beton", **kwargs) -> str:
         return write_beton(tmp_path / name, **kwargs)
     return make
+
+
+@pytest.fixture
+def no_jit():
+    """Run ffcv pipelines as plain Python for this test: no ~5-10 s numba compile for a few tiny images."""
+    from ffcv.pipeline.compiler import Compiler
+    before = Compiler.is_enabled
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(before)

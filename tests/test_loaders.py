@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_images, write_beton
-from ffcv.pipeline.compiler import Compiler
 
 from fastvit_reduce.config import ConfigError, load_config, resolved
 from fastvit_reduce.data.loaders import (RandomFlipInPlace, check_beton, check_datasets,
@@ -54,15 +53,6 @@ def beton(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jit_train(beton):
     return train_loader(beton)
-
-
-@pytest.fixture
-def no_jit():
-    """Run ffcv pipelines as plain Python (no numba compile) for this test."""
-    before = Compiler.is_enabled
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(before)
 
 
 # ----------------------------------------------------------------------------- batches

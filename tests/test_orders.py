@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from ffcv.loader import Loader, OrderOption
-from ffcv.pipeline.compiler import Compiler
 
 from fastvit_reduce.data import orders
 from fastvit_reduce.data.orders import RepeatAugOrder, ShardedSequentialOrder, install_order
@@ -100,15 +99,6 @@ def test_order_argument_errors():
     distributed = types.SimpleNamespace(indices=np.arange(4), seed=0, distributed=True)
     with pytest.raises(RuntimeError, match="process group"):
         ShardedSequentialOrder(distributed)
-
-
-@pytest.fixture
-def no_jit():
-    """Run ffcv pipelines as plain Python (tiny images: instant, no numba compile)."""
-    before = Compiler.is_enabled
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(before)
 
 
 def test_install_order_drives_a_real_loader(tiny_beton, no_jit):

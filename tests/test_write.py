@@ -133,16 +133,6 @@ def imagenet(tmp_path_factory):
     return root, make_imagenet(root)
 
 
-@pytest.fixture
-def no_jit():
-    """Run ffcv's pipeline ops as plain Python: no numba compile for a couple of tiny images."""
-    from ffcv.pipeline.compiler import Compiler
-    was = Compiler.is_enabled
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(was)
-
-
 def read_all(path: Path, os_cache: bool) -> tuple[np.ndarray, np.ndarray]:
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
