@@ -50,6 +50,17 @@ def tiny_beton(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread (why: on a shared 2-core box, OpenMP threads spinning
+    at barriers made small ops ~50x slower). Use per module: ``pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def no_jit():
     """Run ffcv pipelines as plain Python for this test: no ~5-10 s numba compile for a few tiny images."""

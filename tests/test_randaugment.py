@@ -30,14 +30,7 @@ FILL = (124, 116, 104)  # timm's img_mean for ImageNet's mean, as create_transfo
 TOLERANCE = {name: (0.1, 1) if name in GEOMETRIC_OPS else (0.01, 0) for name in OP_NAMES}  # (MAD, max)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread (why: on a shared 2-core box, OpenMP threads spinning
-    at barriers made these ops ~50x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for small tensors
 
 
 @pytest.fixture(scope="module")
