@@ -144,11 +144,9 @@ def ffcv_loader(beton: Path, res, batch_size, workers):
 
 
 def batch_randaugment(spec: str):
-    """(c) ours: teammate D's BatchRandAugment, or None while it does not exist yet."""
-    try:
-        from fastvit_reduce.augment.randaugment import BatchRandAugment
-    except ImportError:
-        return None
+    """(c) ours: our BatchRandAugment with timm's fill."""
+    from fastvit_reduce.augment.randaugment import BatchRandAugment
+
     return BatchRandAugment(spec, fill=RANDAUG_FILL)
 
 
@@ -317,12 +315,8 @@ def bench(args) -> dict:
             run_epoch(loader)  # warm-up: worker start-up
         variants["ffcv_img_s"] = (ffcv_loader(beton, args.res, args.batch_size, args.workers), None)
         ours_ra = batch_randaugment(ra_spec)
-        if ours_ra is None:
-            print("bench: fastvit_reduce.augment.randaugment.BatchRandAugment not available: "
-                  "(c) ours is n/a", file=sys.stderr)
-        else:
-            variants["ffcv_randaug_img_s"] = (variants["ffcv_img_s"][0], ours_ra)
-            ours_ra(torch.zeros(args.batch_size, 3, args.res, args.res, dtype=torch.uint8))  # warm-up
+        variants["ffcv_randaug_img_s"] = (variants["ffcv_img_s"][0], ours_ra)
+        ours_ra(torch.zeros(args.batch_size, 3, args.res, args.res, dtype=torch.uint8))  # warm-up
         run_epoch(variants["ffcv_img_s"][0])  # warm-up: numba JIT
         pool = CeilingPool(beton, args.res, args.workers)
         try:
