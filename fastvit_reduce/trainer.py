@@ -175,6 +175,12 @@ def lr_at(progress: float, *, peak: float, epochs: int, warmup_epochs: float, wa
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * t))
 
 
+def train_res(cfg: dict, epoch: int) -> int:
+    """Train resolution of ``epoch`` (px) under the ``resolution.*`` schedule."""
+    return get_resolution(epoch, cfg["resolution.min_res"], cfg["resolution.max_res"],
+                          cfg["resolution.start_ramp"], cfg["resolution.end_ramp"], cfg["resolution.step"])
+
+
 # ----------------------------------------------------------------------------- small helpers
 class Dist:
     """Rank, world size and device of this process (torchrun env:// or a single process)."""
@@ -394,7 +400,7 @@ class Trainer:
         self.state = None  # free the checkpoint's host memory
 
         # loaders (C's ffcv pipelines) — after set_device and init_process_group
-        res0 = self.train_res(self.start_epoch)
+        res0 = train_res(cfg, self.start_epoch)
         self.train_loader = create_train_loader(
             cfg["data.train_dataset"], cfg["training.batch_size"], d.device, res=res0,
             num_workers=cfg["data.num_workers"], in_memory=cfg["data.in_memory"],
@@ -460,11 +466,6 @@ class Trainer:
         log.info(f"resuming from {self.last_pt}: epoch {self.start_epoch}, step {self.skip}, "
                  f"update {self.updates}")
 
-    def train_res(self, epoch: int) -> int:
-        c = self.cfg
-        return get_resolution(epoch, c["resolution.min_res"], c["resolution.max_res"],
-                              c["resolution.start_ramp"], c["resolution.end_ramp"], c["resolution.step"])
-
     def lr(self, progress: float) -> float:
         c = self.cfg
         return lr_at(progress, peak=self.peak_lr, epochs=c["training.epochs"],
@@ -510,7 +511,7 @@ class Trainer:
         """One epoch (or its rest, after a mid-epoch resume); returns its sums for the log row."""
         cfg, d = self.cfg, self.d
         accum = cfg["training.grad_accum_steps"]
-        set_train_resolution(self.train_loader, self.train_res(epoch))
+        set_train_resolution(self.train_loader, train_res(cfg, epoch))
         set_epoch(self.train_loader, epoch)  # same order on every rank and on resume
         n = len(self.train_loader)
         skip, self.skip = self.skip, 0
@@ -644,7 +645,7 @@ class Trainer:
                "top_1": r(metrics.get("top_1"), 3), "top_5": r(metrics.get("top_5"), 3),
                "ema_top_1": r(metrics.get("ema_top_1"), 3), "ema_top_5": r(metrics.get("ema_top_5"), 3),
                "val_images": metrics.get("val_images"),
-               "lr": s["lr"], "res": self.train_res(epoch), "updates": self.updates,
+               "lr": s["lr"], "res": train_res(self.cfg, epoch), "updates": self.updates,
                "epoch_time_s": r(s["wall_s"] + eval_s, 3), "train_time_s": r(s["step_s"], 3),
                "train_img_s": r(s["images"] * d.world / max(s["step_s"], 1e-9), 1),
                "data_wait_frac": r(s["wait_s"] / max(s["step_s"], 1e-9), 4),
@@ -739,10 +740,8 @@ class Trainer:
 # ----------------------------------------------------------------------------- entry point
 def train_resolutions(cfg: dict) -> set[int]:
     """Every train resolution of the ``resolution.*`` schedule over ``training.epochs``."""
-    c = cfg
     try:
-        return {get_resolution(e, c["resolution.min_res"], c["resolution.max_res"], c["resolution.start_ramp"],
-                               c["resolution.end_ramp"], c["resolution.step"]) for e in range(c["training.epochs"])}
+        return {train_res(cfg, e) for e in range(cfg["training.epochs"])}
     except ValueError as e:  # e.g. min_res > max_res; the message names the keys
         raise ConfigError(str(e)) from None
 
