@@ -75,7 +75,7 @@ from .config import (Bool01, Choice, ConfigError, FloatList, Number, declared_ke
 from .data.loaders import (check_beton, check_datasets, create_train_loader, create_val_loader,
                            get_resolution, read_classes, set_epoch, set_train_resolution)
 from .ema import ModelEma
-from .models import gflops, mlp_stats, model_from_config, param_count
+from .models import gflops, mlp_stats, model_from_config
 from .strategies import StrategyError
 
 Section("training", "the training loop").params(
@@ -354,7 +354,7 @@ class Trainer:
         if dynamic and patch:
             check_resolutions(cfg, patch)
         stats = mlp_stats(model)
-        self.model_stats = {"params": param_count(model), "mlp_params": stats["mlp_params"],
+        self.model_stats = {"params": stats["params"], "mlp_params": stats["mlp_params"],
                             "gflops": round(gflops(model, img), 4)}
         data_cfg = resolve_data_config({}, model=model)  # timm: the arch's mean/std/crop_pct
         self.mean, self.std = data_cfg["mean"], data_cfg["std"]
