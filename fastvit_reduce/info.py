@@ -86,8 +86,9 @@ def knob_text(knobs: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in knobs.items() if not (k == "round_to" and v == 1)) or "-"
 
 
-def measure(args) -> list[dict]:
-    """One row per variant: ``strategy, params, mlp_params, unique_mlps, mlp_hidden, gflops``."""
+def measure(args) -> list[tuple[dict, dict]]:
+    """``(row, knobs)`` per variant; row keys: ``strategy, params, mlp_params, unique_mlps,
+    mlp_hidden, gflops``."""
     rows = []
     for name, knobs in variants(args):
         torch.manual_seed(0)
