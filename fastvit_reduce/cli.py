@@ -27,6 +27,7 @@ COMMANDS = {
     "sample": "fastvit_reduce.sample",
     "bench loader": "fastvit_reduce.bench.loader",
     "bench strategies": "fastvit_reduce.bench.strategies",
+    "bench gpu": "fastvit_reduce.bench.gpu",
     "train": "fastvit_reduce.trainer",
     "sweep": "fastvit_reduce.sweep",
     "report": "fastvit_reduce.report",
