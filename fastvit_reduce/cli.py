@@ -27,6 +27,7 @@ COMMANDS = {
     "sample": "fastvit_reduce.sample",
     "bench loader": "fastvit_reduce.bench.loader",
     "bench strategies": "fastvit_reduce.bench.strategies",
+    "bench e2e": "fastvit_reduce.bench.e2e",
     "bench gpu": "fastvit_reduce.bench.gpu",
     "train": "fastvit_reduce.trainer",
     "sweep": "fastvit_reduce.sweep",
