@@ -28,6 +28,12 @@ Where we differ, and why:
   (negative with mmax > 10). Pillow < 13 returned a black image; Pillow 13 raises. We return
   black, timm's old meaning, and never raise.
 
+Randomness and the device: every draw (op choice, apply coin, magnitude noise, sign) is made on
+the batch's device from a ``torch.Generator`` the caller seeds, and nothing is read back by the
+host: no ``.item()``, no ``nonzero``, no per-batch ``torch.tensor(list)`` (tests record the aten ops
+of a call). So a batch's augmentation is a pure function of its seed, and on CUDA the host can
+queue it and run ahead.
+
 Pixel arithmetic follows PIL (ImageEnhance, ImageOps, Image.transform) step by step, including
 where PIL truncates or rounds to uint8. Measured against timm's PIL ops on real photos
 (tests/test_randaugment.py): every colour and histogram op is pixel-exact on uint8 input, and the
@@ -186,8 +192,9 @@ def _histogram(x):
     """Per-channel 256-bin histograms of floor(x): (b, 3, 256) int64, and the bin index map."""
     b, c = x.shape[:2]
     index = x.reshape(b, c, -1).long().clamp_(0, 255)  # (b, 3, H*W); .long() floors x >= 0
-    offset = torch.arange(b * c, device=x.device).view(b, c, 1) * 256
-    hist = torch.bincount((index + offset).view(-1), minlength=b * c * 256).view(b, c, 256)
+    # why not bincount: on CUDA it reads the input's max back to the host (a sync per call)
+    ones = torch.ones((), dtype=torch.int64, device=x.device).expand(index.shape)
+    hist = torch.zeros(b, c, 256, dtype=torch.int64, device=x.device).scatter_add_(2, index, ones)
     return hist, index
 
 
@@ -241,7 +248,7 @@ def _pil_affine(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
     Same matrices as timm's shear_x/shear_y/translate_*_rel (about the top-left corner) and
     PIL's Image.rotate (about (w/2, h/2), counter-clockwise for positive degrees).
     """
-    m = torch.eye(3, dtype=torch.float64).repeat(len(arg), 1, 1)
+    m = torch.eye(3, dtype=torch.float64, device=arg.device).repeat(len(arg), 1, 1)
     if name == "ShearX":
         m[:, 0, 1] = arg
     elif name == "ShearY":
@@ -354,34 +361,40 @@ def _check_images(images) -> None:
         raise ValueError(f"RandAugment expects uint8 or float images in [0, 255], got {images.dtype}")
 
 
-def _apply_ops(state: torch.Tensor, names: list[str], rows: list[torch.Tensor],
-               args: list[torch.Tensor | None], fill: torch.Tensor) -> None:
-    """Apply op ``names[k]`` with per-image ``args[k]`` to images ``rows[k]`` of ``state``, in place.
+def _apply_layer(state: torch.Tensor, ops: tuple[str, ...], op: torch.Tensor, apply: torch.Tensor,
+                 level: torch.Tensor, sign: torch.Tensor, fill: torch.Tensor, q: bool,
+                 translate_pct: float) -> torch.Tensor:
+    """One RandAugment layer on the whole batch, without reading any draw on the host.
 
-    ``state`` is a contiguous (B, 3, H, W) batch in the caller's dtype: only the images an op
-    touches are converted to float32, and a uint8 state stays exact because every op then
-    quantises its output like PIL. The rows of different ops must not overlap (one layer);
-    all geometric ops share one warp.
+    ``state``: float32 (B, 3, H, W) in [0, 255]; ``op`` (B,) int64 indices into ``ops``,
+    ``apply`` (B,) bool, ``level`` and ``sign`` (B,) float64, all on ``state``'s device.
+    Every pixel op of ``ops`` runs on the full batch and each image keeps its own op's result
+    (``torch.where``); all geometric ops share one warp with a per-image matrix (identity for
+    the others). Why not group images by op (as before): finding the group members is a
+    ``nonzero``, which on CUDA waits for the device and copies the indices to the host.
+    ``q``: quantise every op's output like PIL's uint8 images.
     """
-    q = state.dtype == torch.uint8
-    warp_rows, warp_mats = [], []
     h, w = state.shape[-2:]
-    for name, idx, arg in zip(names, rows, args):
+    out = state
+    warp_mat = warp_sel = None
+    for k, name in enumerate(ops):
+        sel = apply & (op == k)  # (B,) bool on the device: this image runs op k in this layer
+        arg = level_to_arg(name, level, sign, translate_pct)
         if name in GEOMETRIC_OPS:
-            warp_rows.append(idx)
-            warp_mats.append(_pil_affine(name, arg, h, w))
+            mat = _pil_affine(name, arg, h, w)  # (B, 3, 3) float64
+            warp_mat = mat if warp_mat is None else torch.where(sel.view(-1, 1, 1), mat, warp_mat)
+            warp_sel = sel if warp_sel is None else warp_sel | sel
             continue
-        arg = None if arg is None else arg.to(state.device, torch.float32)
-        out = _PIXEL_OPS[name](state.index_select(0, idx).float(), arg, q)
-        state[idx] = out.to(state.dtype)  # why not index_copy_: ~3x slower on CPU here
-    if warp_rows:
-        idx = torch.cat(warp_rows)
-        out = _warp(state.index_select(0, idx).float(), torch.cat(warp_mats), fill, q)
-        state[idx] = out.to(state.dtype)
+        result = _PIXEL_OPS[name](state, None if arg is None else arg.float(), q)
+        out = torch.where(sel.view(-1, 1, 1, 1), result, out)
+    if warp_sel is not None:
+        out = torch.where(warp_sel.view(-1, 1, 1, 1), _warp(state, warp_mat, fill, q), out)
+    return out
 
 
 def _start(images: torch.Tensor) -> torch.Tensor:
-    return images.clone(memory_format=torch.contiguous_format)  # never write into the input
+    # a new contiguous float32 copy: the input is never written (ffcv reuses its buffers)
+    return images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _finish(state: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -393,29 +406,36 @@ def apply_op(images: torch.Tensor, name: str, magnitude: float, *, negate: bool 
              fill=(124, 116, 104), translate_pct: float = 0.45) -> torch.Tensor:
     """Apply one named timm RandAugment op at a fixed magnitude to every image (for tests/demos).
 
-    ``negate`` picks the negative branch of timm's random sign (signed ops only).
+    ``negate`` picks the negative branch of timm's random sign (signed ops only). Runs the
+    same code as ``BatchRandAugment`` with every image drawing this op.
     """
     _check_images(images)
     if name not in OP_NAMES:
         raise ValueError(f"unknown RandAugment op {name!r}; known: {', '.join(OP_NAMES)}")
-    b = images.shape[0]
-    level = torch.full((b,), float(magnitude), dtype=torch.float64)
-    sign = torch.full((b,), -1.0 if negate else 1.0, dtype=torch.float64)
-    state = _start(images)
-    rows = torch.arange(b, device=images.device)
-    fill_t = torch.tensor(fill, dtype=torch.float32, device=images.device)
-    _apply_ops(state, [name], [rows], [level_to_arg(name, level, sign, translate_pct)], fill_t)
-    return _finish(state, images)
+    b, dev = images.shape[0], images.device
+    level = torch.full((b,), float(magnitude), dtype=torch.float64, device=dev)
+    sign = torch.full((b,), -1.0 if negate else 1.0, dtype=torch.float64, device=dev)
+    op = torch.zeros(b, dtype=torch.int64, device=dev)
+    apply = torch.ones(b, dtype=torch.bool, device=dev)
+    fill_t = torch.tensor(fill, dtype=torch.float32, device=dev)
+    state = _apply_layer(_start(images), (name,), op, apply, level, sign, fill_t,
+                         images.dtype == torch.uint8, translate_pct)
+    return _finish(state.to(images.dtype), images)
 
 
 class BatchRandAugment:
     """timm RandAugment (``rand-m9-mstd0.5-inc1`` …) applied to a whole (B, 3, H, W) batch.
 
-    Each image draws its own ``n`` ops, apply coins, magnitudes and signs (from ``generator``
-    if given, else torch's global RNG, always on the CPU so results do not depend on the
-    device); then, for each of the ``n`` layers, the images are grouped by op and each op runs
-    once on its group (colour ops as tensor arithmetic, Equalize/AutoContrast via batched
-    histograms, all geometric ops in one ``grid_sample``): no Python loop over images.
+    Each image draws its own ``n`` ops, apply coins, magnitudes and signs from the
+    ``torch.Generator`` passed in, which must live on the batch's device: every draw is made
+    there, and no draw is ever read back by the host (no sync, no host↔device copy per batch;
+    the constant tables are built once per device). The caller seeds the generator (the trainer:
+    ``seeding.derive(seed, epoch, step)``), so a batch's augmentation is a pure function of its
+    seed. CPU and CUDA generators give different streams: the same seed draws different ops on
+    different devices, while each op computes the same pixels (tests/test_randaugment.py).
+
+    Per layer, every op of the set runs on the full batch and each image keeps its own op's
+    result: about 15x the arithmetic of one op, but no Python loop over images and no sync.
 
     ``fill`` is the colour of pixels uncovered by Rotate/Shear/Translate, 0..255 per channel
     (timm: the dataset mean; ImageNet's is (124, 116, 104)). ``translate_pct``: timm's 0.45.
@@ -426,8 +446,7 @@ class BatchRandAugment:
         cfg = parse_spec(spec)
         self.spec = spec
         self.ops: tuple[str, ...] = cfg["ops"]
-        self.weights = None if cfg["weights"] is None else \
-            torch.tensor(cfg["weights"], dtype=torch.float64)
+        self.weights = cfg["weights"]  # None (uniform) or one weight per op
         self.n: int = cfg["n"]
         self.magnitude: float = cfg["magnitude"]
         self.magnitude_std: float = cfg["magnitude_std"]
@@ -437,49 +456,69 @@ class BatchRandAugment:
             raise ValueError(f"fill must be 3 values in 0..255, got {fill!r}")
         self.fill = tuple(float(v) for v in fill)
         self.translate_pct = float(translate_pct)
+        self._constants: dict[torch.device, tuple] = {}  # device -> (fill, weights) tensors
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None):
-        """Draw every image's choices: ``op`` (B, n) int64 indices into ``self.ops``,
-        ``apply`` (B, n) bool, ``level`` (B, n) float64 clipped magnitudes, ``sign`` (B, n) ±1."""
-        shape, g = (batch_size, self.n), generator
-        if self.weights is None:
-            op = torch.randint(len(self.ops), shape, generator=g)  # uniform, with replacement
-        else:  # np.random.choice(replace=False, p=weights) in timm
-            op = torch.multinomial(self.weights.expand(batch_size, -1), self.n,
-                                   replacement=False, generator=g)
-        apply = torch.rand(shape, generator=g, dtype=torch.float64) < self.prob
-        if self.magnitude_std == math.inf:  # timm: uniform(0, m)
-            level = torch.rand(shape, generator=g, dtype=torch.float64) * self.magnitude
-        elif self.magnitude_std > 0:  # timm: gauss(m, mstd)
-            level = self.magnitude + self.magnitude_std * torch.randn(
-                shape, generator=g, dtype=torch.float64)
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fill (3,) float32, weights (K,) float64 or None) on ``device``, built once per device
+        (why: ``torch.tensor(list, device=cuda)`` per batch is a blocking pageable copy)."""
+        consts = self._constants.get(device)
+        if consts is None:  # a race between two threads only builds the same tensors twice
+            fill = torch.tensor(self.fill, dtype=torch.float32, device=device)
+            weights = None if self.weights is None else \
+                torch.tensor(self.weights, dtype=torch.float64, device=device)
+            consts = self._constants[device] = (fill, weights)
+        return consts
+
+    def sample(self, batch_size: int, generator: torch.Generator):
+        """Draw every image's choices on ``generator``'s device: ``op`` (B, n) int64 indices into
+        ``self.ops``, ``apply`` (B, n) bool, ``level`` (B, n) float64 clipped magnitudes and
+        ``sign`` (B, n) ±1 float64."""
+        if not isinstance(generator, torch.Generator):
+            raise TypeError("BatchRandAugment needs a seeded torch.Generator on the batch's "
+                            f"device (never the global RNG), got {type(generator).__name__}")
+        g, dev, shape = generator, generator.device, (batch_size, self.n)
+        f64 = dict(generator=g, dtype=torch.float64, device=dev)
+        weights = self._on(dev)[1]
+        if weights is None:
+            op = torch.randint(len(self.ops), shape, generator=g, device=dev)  # with replacement
         else:
-            level = torch.full(shape, self.magnitude, dtype=torch.float64)
+            # timm: np.random.choice(replace=False, p=weights). Same distribution, no sync: the n
+            # largest of weight / Exp(1) keys (Efraimidis-Spirakis). torch.multinomial would
+            # check its weights on the host. Zero weights get key -1 and are never chosen.
+            clocks = torch.empty(batch_size, len(self.ops), dtype=torch.float64, device=dev)
+            keys = weights / clocks.exponential_(generator=g)
+            op = torch.where(weights > 0, keys, -1.0).topk(self.n, dim=1).indices
+        apply = torch.rand(shape, **f64) < self.prob
+        if self.magnitude_std == math.inf:  # timm: uniform(0, m)
+            level = torch.rand(shape, **f64) * self.magnitude
+        elif self.magnitude_std > 0:  # timm: gauss(m, mstd)
+            level = self.magnitude + self.magnitude_std * torch.randn(shape, **f64)
+        else:
+            level = torch.full(shape, self.magnitude, dtype=torch.float64, device=dev)
         level = level.clamp(0.0, self.magnitude_max or _LEVEL_DENOM)  # timm's upper bound
-        sign = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) > 0.5, -1.0, 1.0)
+        sign = torch.where(torch.rand(shape, **f64) > 0.5, -1.0, 1.0)
         return op, apply, level, sign
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augment ``images`` (uint8 or float in [0, 255], (B, 3, H, W), any device and memory
-        format); returns a new tensor of the same dtype, shape and memory format."""
+        format) with draws from ``generator`` (on the same device); returns a new tensor of the
+        same dtype, shape and memory format. The input is never written."""
         _check_images(images)
+        if isinstance(generator, torch.Generator) and \
+                generator.device.type != images.device.type:
+            raise ValueError(f"the generator is on {generator.device} but the images are on "
+                             f"{images.device}: draws must be made on the batch's device")
         b = images.shape[0]
+        op, apply, level, sign = self.sample(b, generator)
         if b == 0 or self.n == 0:
             return images.clone()
-        op, apply, level, sign = self.sample(b, generator)
-        state = _start(images)  # (B, 3, H, W) contiguous copy, updated op group by op group
-        fill = torch.tensor(self.fill, dtype=torch.float32, device=images.device)
+        fill = self._on(images.device)[0]
+        state = _start(images)  # (B, 3, H, W) contiguous float32 copy
         for layer in range(self.n):
-            names, rows, args = [], [], []
-            for k, name in enumerate(self.ops):
-                chosen = ((op[:, layer] == k) & apply[:, layer]).nonzero().squeeze(1)  # CPU
-                if len(chosen):
-                    names.append(name)
-                    rows.append(chosen.to(images.device))
-                    args.append(level_to_arg(name, level[chosen, layer], sign[chosen, layer],
-                                             self.translate_pct))
-            _apply_ops(state, names, rows, args, fill)
-        return _finish(state, images)
+            state = _apply_layer(state, self.ops, op[:, layer], apply[:, layer], level[:, layer],
+                                 sign[:, layer], fill, images.dtype == torch.uint8,
+                                 self.translate_pct)
+        return _finish(state.to(images.dtype), images)
 
     def __repr__(self) -> str:
         return (f"BatchRandAugment({self.spec!r}: n={self.n}, m={self.magnitude}, "
