@@ -99,3 +99,88 @@ def test_slurm_script_quotes_names_with_spaces_and_quotes(tmp_path, monkeypatch)
                                                 "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n0"},
                    capture_output=True, cwd=tmp_path, timeout=30)
     assert not (tmp_path / "PWNED").exists()
+
+
+# ----------------------------------------------------------------------------- damaged .beton
+def _zero(path: str, start: int, length: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(length))
+
+
+def _truncate_tail(path: str, nbytes: int = 100) -> None:
+    os.truncate(path, os.path.getsize(path) - nbytes)
+
+
+def _zero_middle_8mb(path: str) -> None:
+    size = os.path.getsize(path)
+    _zero(path, max(0, size // 2 - 4_000_000), 8_000_000)
+
+
+def _zero_alloc_table(path: str) -> None:
+    from ffcv.reader import Reader
+    ptr = int(Reader(path).header["alloc_table_ptr"])
+    _zero(path, ptr, os.path.getsize(path) - ptr)
+
+
+def _zero_sample_table(path: str) -> None:
+    from ffcv.types import FieldDescType, HeaderType
+    _zero(path, HeaderType.itemsize + 2 * FieldDescType.itemsize, 24 * 8)  # first 8 records
+
+
+def _zero_header(path: str) -> None:
+    _zero(path, 0, 24)
+
+
+@pytest.mark.parametrize("mode", ["raw", "jpg"])
+def test_verify_beton_accepts_a_healthy_file_and_reads_the_label_range(tiny_beton, mode):
+    from fastvit_reduce.data.inspect import label_range, verify_beton
+    path = tiny_beton(n=40, num_classes=5, write_mode=mode)
+    assert verify_beton(path) == 40
+    assert label_range(path) == (0, 4, 40)
+
+
+@pytest.mark.parametrize("mode, damage", [
+    ("raw", _truncate_tail), ("jpg", _truncate_tail), ("jpg", _zero_middle_8mb),
+    ("raw", _zero_alloc_table), ("raw", _zero_sample_table), ("raw", _zero_header),
+    ("raw", lambda p: _truncate_tail(p, 5_000_000)),  # cut into the data pages
+])
+def test_verify_beton_finds_damage(tiny_beton, capsys, mode, damage):
+    """The issue's cases: the last 100 bytes cut, 8 MB of zeros in the middle (and other regions)."""
+    from fastvit_reduce.config import ConfigError
+    from fastvit_reduce.data import inspect as inspect_cmd
+    path = tiny_beton(n=64, num_classes=4, write_mode=mode)
+    damage(path)
+    capsys.readouterr()  # drop the writer's progress bar
+    with pytest.raises(ConfigError, match="damaged .beton") as e:
+        inspect_cmd.verify_beton(path)
+    assert str(e.value).startswith(path) and "\n" not in str(e.value)
+    assert inspect_cmd.main([path]) == 1  # plain inspect no longer calls it healthy
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: damaged .beton") and err.count("\n") == 1
+
+
+def test_inspect_deep_lists_the_jpegs_that_do_not_decode(tiny_beton, capsys):
+    """Damage inside one JPEG keeps its markers (structure is fine); only decoding finds it."""
+    from ffcv.reader import Reader
+
+    from fastvit_reduce.data import inspect as inspect_cmd
+    path = tiny_beton(n=20, num_classes=4, write_mode="jpg")
+    meta = Reader(path).metadata
+    ptr = int(meta["f0"]["data_ptr"][7])
+    _zero(path, ptr + 2, 400)  # the JPEG headers after SOI
+    assert inspect_cmd.verify_beton(path) == 20
+    assert inspect_cmd.deep_check(path) == [7]
+    capsys.readouterr()
+    assert inspect_cmd.main([path, "--deep"]) == 1
+    assert "1 image(s) fail to decode: 7" in capsys.readouterr().err
+    healthy = tiny_beton("ok.beton", n=20, num_classes=4, write_mode="jpg")
+    assert inspect_cmd.main([healthy, "--deep"]) == 0
+    assert "samples: 20" in capsys.readouterr().out
+
+
+def test_label_range_reads_labels_from_the_file_without_classes_json(tiny_beton):
+    from fastvit_reduce.data.inspect import label_range
+    path = tiny_beton(n=30, num_classes=6)
+    assert not os.path.exists(path + ".classes.json")
+    assert label_range(path) == (0, 5, 30)
