@@ -1,45 +1,61 @@
 """FFCV train/val loaders: uint8 batches decoded by ffcv, moved to the device, normalised later.
 
-Train: ``RandomResizedCropRGBImageDecoder`` → ``RandomFlipInPlace`` → ``ToTensor`` → ``ToDevice``
-→ ``ToTorchImage(channels_last)``; labels ``IntDecoder`` → ``ToTensor`` → ``Squeeze`` →
-``ToDevice``. For the CPU device ``ToDevice`` is left out (it would only copy).
+Train: ``SeededRandomResizedCropDecoder`` (crop + resize + flip) → ``ToTensor`` → ``ToDevice`` →
+``ToTorchImage(channels_last)``; labels ``IntDecoder`` → ``ToTensor`` → ``Squeeze`` → ``ToDevice``.
+For the CPU device ``ToDevice`` is left out (it would only copy).
 Images stay uint8 until they are on the device; normalisation and the AMP cast happen in torch
 (``fastvit_reduce.augment.batch.normalize``). Why no ffcv ``NormalizeImage``: a numba op after a
 torch op makes ffcv 1.0.2's ``Graph.group_operations`` loop forever, and uint8 moves 4x fewer bytes.
 
-Val: ``CenterCropRGBImageDecoder(ratio=crop_pct)``, sequential, no drop_last; across ranks every
-image is seen exactly once (``orders.ShardedSequentialOrder``), so shards may differ in length by
-one batch: compute metrics as all_reduce(sum correct) / all_reduce(count) after the loop.
+Determinism: each sample's crop box and flip are a pure function of (seed, epoch, dataset index,
+copy), where copy numbers the repeats of an image within an epoch (repeated augmentation). They do
+not depend on num_workers, batches_ahead, batch size or the rank that decodes the sample.
+
+Val: ``TimmCenterCropDecoder`` — timm's eval geometry (resize the short side to
+``floor(res / crop_pct)``, centre-crop ``res``) done as one crop + resize of the stored pixels.
+Sequential, no drop_last; across ranks every image is seen exactly once
+(``orders.ShardedSequentialOrder``), so shards may differ in length by one batch: compute metrics
+as all_reduce(sum correct) / all_reduce(count) after the loop.
+
+Both loaders are ``FfcvLoader``s: a failure in ffcv's decode thread (e.g. a truncated .beton)
+raises ``LoaderError`` in the consumer instead of hanging it, a ``poll`` hook runs while waiting
+for a batch, and ``close()`` ends an abandoned epoch's thread.
 
 Ffcv traps handled here: the device must be a ``torch.device`` (we convert strings); output
 batches live in a ring of reused buffers (``batches_ahead + 2``) — ``.clone()`` anything kept
-across iterations; ``Loader`` calls ``torch.set_num_threads(num_workers)`` when built and at
-every epoch start.
+across iterations. Threads: ffcv's ``Loader.__init__`` calls ``torch.set_num_threads(num_workers)``
+once (we cannot avoid it without patching ffcv); epochs of an ``FfcvLoader`` set only numba's
+decode thread count. The caller owns torch's intra-op count: set it after building the loaders.
 """
 from __future__ import annotations
 
 import json
+import threading
 import warnings
-from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from queue import Empty, Full
+from typing import Callable, Sequence
 
+import numba
 import numpy as np
 import torch
 import torch.distributed as dist
 from fastargs import Param, Section
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
-                                   ResizedCropRGBImageDecoder)
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
+from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.graph import DecoderNode
 from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from ..config import Bool01, Choice, ConfigError, FloatList, Number
-from .orders import RepeatAugOrder, ShardedSequentialOrder, install_order
+from ..seeding import derive_many
+from .orders import RepeatAugOrder, ShardedSequentialOrder, install_order, sample_copies
 
 Section("data", "FFCV datasets and loading").params(
     train_dataset=Param(str, "train .beton path", default=""),
@@ -117,35 +133,303 @@ def check_datasets(train_path: str | Path, val_path: str | Path) -> None:
                       f"and val {val_path} ({len(val_classes)} classes): {detail}")
 
 
-class RandomFlipInPlace(Operation):
-    """Horizontal flip of each (H, W, 3) uint8 image with probability 0.5, in place (numba op).
+# ----------------------------------------------------------------------------- decoders
+def _flip_in_place(image) -> None:
+    """Mirror one (H, W, 3) uint8 image left-right, in place (compiled by numba in the decoder).
 
     Why not ffcv's RandomHorizontalFlip: it copies every image, flipped or not, into a new buffer
     through a strided slice; on our 2-core machine that cost 54 ms per 64x224x224 batch, as much
     as decoding at max_res 256. Swapping pixels in place touches only the flipped half.
     """
+    last = image.shape[1] - 1
+    for r in range(image.shape[0]):
+        for c in range((last + 1) // 2):
+            for k in range(image.shape[2]):
+                left = image[r, c, k]
+                image[r, c, k] = image[r, last - c, k]
+                image[r, last - c, k] = left
 
-    def generate_code(self):
-        my_range = Compiler.get_iterator()
 
-        def flip(images, _):
-            should_flip = np.random.rand(images.shape[0]) < 0.5
-            last = images.shape[2] - 1
-            for i in my_range(images.shape[0]):
-                if should_flip[i]:
-                    for r in range(images.shape[1]):
-                        for c in range((last + 1) // 2):
-                            for k in range(images.shape[3]):
-                                left = images[i, r, c, k]
-                                images[i, r, c, k] = images[i, r, last - c, k]
-                                images[i, r, last - c, k] = left
-            return images
+def timm_center_crop(height, width, out_size, crop_pct):
+    """``(top, left, side, side)``: the box of the stored image that timm's eval transform shows.
 
-        flip.is_parallel = True
-        return flip
+    timm (``transforms_imagenet_eval``) resizes the short side to ``scale = floor(out_size /
+    crop_pct)`` and centre-crops ``out_size``; in stored pixels that is a centred square of side
+    ``out_size * short / scale``, resized to ``out_size``. (ffcv's ``get_center_crop`` takes
+    ``int(crop_pct * short)``: 0.9 of the short side where timm shows 224/248 = 0.903 at 224.)
+    """
+    short = min(height, width)
+    scale = np.floor(out_size / crop_pct)
+    side = min(short, max(1, int(np.round(out_size * short / scale))))
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _image_reader(mem_read):
+    """Compiled ``read(field, storage_state, temp) -> (H, W, 3) uint8`` view of one stored image:
+    JPEGs are decoded into ``temp`` (libjpeg-turbo, as ffcv does), raw images are viewed in place."""
+    imdecode_c = Compiler.compile(imdecode)
+    jpg = IMAGE_MODES["jpg"]
+
+    def read(field, storage_state, temp):
+        data = mem_read(field["data_ptr"], storage_state)
+        height, width = np.uint32(field["height"]), np.uint32(field["width"])
+        if field["mode"] == jpg:
+            imdecode_c(data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
+            return temp[:3 * height * width].reshape(height, width, 3)
+        # a truncated file makes this reshape fail: the loader reports it as a LoaderError
+        return data.reshape(height, width, 3)
+
+    return Compiler.compile(read)
+
+
+class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
+    """ffcv's random-resized crop (timm's RandomResizedCrop: 10 tries, then a centre fallback) and a
+    horizontal flip, both drawn from ``np.random.seed(sample seed)`` right before the sample's draws.
+
+    Why not ffcv's ``RandomResizedCropRGBImageDecoder``: it draws from numba's unseeded per-thread
+    RNG, so two runs crop differently. ffcv compiles the pipeline once and numba freezes closure
+    values, so the seeds cannot come from Python state: ``FfcvLoader`` writes each batch's seeds
+    into this decoder's third buffer (one uint32 per sample) right before decoding the batch.
+    Numba's RNG is per thread, so seeding per sample makes prange scheduling irrelevant.
+    """
+
+    def __init__(self, output_size, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: bool = True):
+        super().__init__(output_size)
+        self.scale, self.ratio, self.hflip = scale, ratio, bool(hflip)
+
+    @property
+    def get_crop_generator(self):
+        return get_random_crop
 
     def declare_state_and_memory(self, previous_state):
-        return replace(previous_state, jit_mode=True), None  # in place: no new buffer
+        state, (output, temp) = super().declare_state_and_memory(previous_state)
+        return state, (output, temp, AllocationQuery((), np.dtype("<u4")))  # + seeds (B,)
+
+    def generate_code(self) -> Callable:
+        read = _image_reader(self.memory_read)
+        my_range = Compiler.get_iterator()
+        crop_c = Compiler.compile(get_random_crop)
+        resize_crop_c = Compiler.compile(resize_crop)
+        flip_c = Compiler.compile(_flip_in_place)
+        scale, ratio, hflip = np.array(self.scale), np.array(self.ratio), self.hflip
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage, seeds = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                image = read(metadata[batch_indices[dst_ix]], storage_state, temp_storage[dst_ix])
+                np.random.seed(seeds[dst_ix])  # numba: this thread's RNG; crop, then flip
+                i, j, h, w = crop_c(image.shape[0], image.shape[1], scale, ratio)
+                resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
+                if hflip and np.random.random() < 0.5:
+                    flip_c(destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
+    """Validation decoder with timm's eval geometry (``timm_center_crop``), resized by ffcv's cv2
+    INTER_AREA (ffcv's only resize) where timm uses PIL bicubic: tests/test_eval_parity.py measures
+    the difference on photos."""
+
+    def __init__(self, output_size, crop_pct: float):
+        super().__init__(output_size)
+        self.scale, self.ratio = None, float(crop_pct)
+
+    @property
+    def get_crop_generator(self):
+        return timm_center_crop
+
+    def generate_code(self) -> Callable:
+        read = _image_reader(self.memory_read)
+        my_range = Compiler.get_iterator()
+        crop_c = Compiler.compile(timm_center_crop)
+        resize_crop_c = Compiler.compile(resize_crop)
+        crop_pct = self.ratio
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            out_size = destination.shape[1]  # (B, res, res, 3)
+            for dst_ix in my_range(len(batch_indices)):
+                image = read(metadata[batch_indices[dst_ix]], storage_state, temp_storage[dst_ix])
+                i, j, h, w = crop_c(image.shape[0], image.shape[1], out_size, crop_pct)
+                resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+# ----------------------------------------------------------------------------- loader
+POLL_S = 0.5  # s between checks of the decode thread (and calls of loader.poll) while waiting
+JOIN_S = 30.0  # s close() waits for a decode thread to finish its current batch
+
+
+class LoaderError(RuntimeError):
+    """ffcv's decode thread failed (for example on a damaged .beton); the message names the file."""
+
+
+_FAILED = object()  # queue sentinel: the decode thread stored an exception in .error
+
+
+class FfcvLoader(Loader):
+    """ffcv's ``Loader`` with per-sample seeds, a watched decode thread and numba-only threads.
+
+    * Seeds: each epoch, the sample at each position of the order gets
+      ``derive32(seed, epoch, index + copy * N)`` (copy > 0 only for repeated augmentation), which
+      ``SeededRandomResizedCropDecoder`` reads from its seed buffer. The epoch is the one
+      ``set_epoch`` set (``next_epoch``). A ``loader.seed`` also seeds ffcv's order, as before.
+    * Failures: an exception in the decode thread raises ``LoaderError`` in ``__next__`` within
+      ``POLL_S``, instead of the endless ``queue.get()`` of ffcv 1.0.2's ``EpochIterator``.
+    * ``poll``: an optional callable, called every ``POLL_S`` while waiting for a batch; whatever it
+      raises (e.g. the trainer's stop on SIGTERM) stops the epoch and propagates.
+    * Threads: an epoch sets numba's decode thread count only (ffcv also sets torch's); ffcv's
+      ``Loader.__init__`` still calls ``torch.set_num_threads(num_workers)`` once, so the caller
+      sets torch's intra-op count after building its loaders.
+    * ``close()`` ends the running epoch's thread; a new ``iter()`` closes the previous epoch's.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poll: Callable[[], None] | None = None
+        self.epoch_iterator: _WatchedEpochIterator | None = None
+        self.seeded_node_ids = [node.id for node in self.graph.nodes if isinstance(node, DecoderNode)
+                                and isinstance(node.decoder, SeededRandomResizedCropDecoder)]
+
+    def __iter__(self):
+        self.close()
+        epoch = self.next_epoch
+        full_order = self.next_traversal_order()
+        order = full_order[:len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        seeds = None
+        if self.seeded_node_ids:
+            copies = sample_copies(self.traversal_order, epoch, len(full_order))[:len(order)]
+            keys = np.asarray(order, dtype=np.uint64) + copies * np.uint64(self.reader.num_samples)
+            seeds = derive_many(self.seed, epoch, keys)  # (len(order),) uint32
+        self.epoch_iterator = _WatchedEpochIterator(self, order, seeds)
+        return self.epoch_iterator
+
+    def close(self) -> None:
+        """Stop the running epoch (if any) and wait for its decode thread to end."""
+        if self.epoch_iterator is not None:
+            self.epoch_iterator.close()
+            self.epoch_iterator = None
+
+
+class _WatchedEpochIterator(EpochIterator):
+    """ffcv's ``EpochIterator`` whose thread reports failures and whose consumer never waits blind.
+
+    ``run`` is ffcv's loop (same slots and CUDA events) inside a catch-all; ``__next__`` polls the
+    queue every ``POLL_S`` and keeps ffcv's CUDA stream hand-off unchanged.
+    """
+
+    def __init__(self, loader: FfcvLoader, order, seeds: np.ndarray | None):
+        # set before ffcv's __init__, which starts the thread as its last step
+        self.seeds = seeds
+        self.error: BaseException | None = None
+        super().__init__(loader, order)
+
+    def run(self):
+        try:
+            finished = self._decode_epoch()
+            item = None
+        except BaseException as e:  # noqa: BLE001 — any failure must reach the consumer
+            self.error, finished, item = e, True, _FAILED
+        if finished:
+            self._put(item)
+
+    def _decode_epoch(self) -> bool:
+        """Decode every batch into the queue; False when closed before the end."""
+        # why not ffcv's Compiler.set_num_threads: it also sets torch's intra-op count (issue 10)
+        numba.set_num_threads(self.loader.num_workers)
+        slots = self.loader.batches_ahead + 2
+        events = [None] * len(self.cuda_streams)
+        for b_ix, batch_indices in enumerate(self.iter_ixes):
+            slot = self.current_batch_slot
+            self.current_batch_slot = (slot + 1) % slots
+            result = self.run_pipeline(b_ix, batch_indices, slot, events[slot])
+            if not self._put((slot, result)):
+                return False
+            if IS_CUDA:
+                # as ffcv: the consumer has taken the batch of slot - batches_ahead - 1, so work
+                # queued on the main stream until now is all that may still read that slot
+                done_slot = (slot - self.loader.batches_ahead - 1) % slots
+                event = torch.cuda.Event()
+                event.record(self.current_stream)
+                events[done_slot] = event
+        return True
+
+    def _put(self, item) -> bool:
+        while not self.terminate_event.is_set():
+            try:
+                self.output_queue.put(item, block=True, timeout=POLL_S)
+                return True
+            except Full:
+                pass
+        return False
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if self.seeds is not None:
+            start = b_ix * self.loader.batch_size  # chunks() cuts the order into batches in order
+            seeds = self.seeds[start:start + len(batch_indices)]
+            for node_id in self.loader.seeded_node_ids:
+                self.memory_allocations["operation"][node_id][2][batch_slot][:len(seeds)] = seeds
+        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+
+    def __next__(self):
+        while True:
+            try:
+                item = self.output_queue.get(timeout=POLL_S)
+                break
+            except Empty:
+                if not self.is_alive() and self.output_queue.empty():
+                    self.close()
+                    if self.error is None and self.terminate_event.is_set():
+                        raise StopIteration() from None  # closed by the consumer
+                    raise self._failure() from self.error
+                if self.loader.poll is not None:
+                    try:
+                        self.loader.poll()
+                    except BaseException:
+                        self.close()
+                        raise
+        if item is None:
+            self.close()
+            raise StopIteration()
+        if item is _FAILED:
+            self.close()
+            raise self._failure() from self.error
+        slot, result = item
+        if IS_CUDA:
+            stream = self.cuda_streams[slot]
+            # We wait for the copy to be done (as ffcv)
+            self.current_stream.wait_stream(stream)
+        return result
+
+    def _failure(self) -> LoaderError:
+        cause = (f"{type(self.error).__name__}: {self.error}" if self.error is not None
+                 else "it ended without a result")
+        return LoaderError(f"{self.loader.fname}: ffcv's decode thread failed ({cause}); "
+                           f"is the .beton file damaged or truncated?")
+
+    def close(self):
+        """Stop the thread, wait for it (up to ``JOIN_S``), then release the epoch's memory."""
+        terminate = getattr(self, "terminate_event", None)
+        if terminate is None:  # ffcv's __init__ failed before the thread existed
+            return
+        terminate.set()
+        if self.closed:
+            return
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(JOIN_S)
+        if self.is_alive():
+            return  # still inside a batch: keep its memory mapped; it exits at its next put
+        self.closed = True
+        self.memory_context.__exit__(None, None, None)
 
 
 def _as_device(device) -> torch.device:
@@ -183,15 +467,16 @@ def create_train_loader(path, batch_size: int, device, *, res: int, num_workers:
                         in_memory: bool, batches_ahead: int, drop_last: bool, order: str,
                         aug_repeats: int, seed: int, distributed: bool,
                         rrc_scale: Sequence[float], rrc_ratio: Sequence[float], hflip: bool,
-                        channels_last: bool = True) -> Loader:
+                        channels_last: bool = True) -> FfcvLoader:
     """ffcv Loader yielding ``(images uint8 (B,3,res,res), labels int64 (B,))`` on ``device``.
 
     ``aug_repeats > 1`` selects ``RepeatAugOrder`` (timm RepeatAugSampler semantics) and overrides
     ``order``; ``aug_repeats == 1`` uses ``order``: 'random', or 'quasi_random' (single process
     only — when distributed it falls back to 'random' with a warning). ``batch_size`` is per
     process. With ``distributed`` the torch process group must already exist; all ranks get the
-    same number of batches. Call ``set_epoch`` before each epoch to make resumed runs see the
-    same order, and ``set_train_resolution`` between epochs for progressive resizing.
+    same number of batches. Crops and flips are a pure function of (seed, epoch, sample index,
+    copy): call ``set_epoch`` before each epoch so that a resumed run sees the same order and the
+    same augmentations, and ``set_train_resolution`` between epochs for progressive resizing.
     """
     check_beton(path)
     _check_batch(batch_size)
@@ -210,14 +495,16 @@ def create_train_loader(path, batch_size: int, device, *, res: int, num_workers:
                       "using random order for this distributed run")
         order = "random"
     device = _as_device(device)
-    decoder = RandomResizedCropRGBImageDecoder((_check_res(res),) * 2, scale=scale, ratio=ratio)
-    image = [decoder] + ([RandomFlipInPlace()] if hflip else []) + _image_tail(device, channels_last)
+    decoder = SeededRandomResizedCropDecoder((_check_res(res),) * 2, scale=scale, ratio=ratio,
+                                             hflip=bool(hflip))
+    image = [decoder] + _image_tail(device, channels_last)
     use_quasi = order == "quasi_random" and aug_repeats == 1
-    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=bool(in_memory),
-                    order=OrderOption.QUASI_RANDOM if use_quasi else OrderOption.RANDOM,
-                    distributed=distributed, seed=int(seed), drop_last=bool(drop_last),
-                    batches_ahead=batches_ahead,
-                    pipelines={"image": image, "label": _label_pipeline(device)})
+    loader = FfcvLoader(str(path), batch_size=batch_size, num_workers=num_workers,
+                        os_cache=bool(in_memory),
+                        order=OrderOption.QUASI_RANDOM if use_quasi else OrderOption.RANDOM,
+                        distributed=distributed, seed=int(seed), drop_last=bool(drop_last),
+                        batches_ahead=batches_ahead,
+                        pipelines={"image": image, "label": _label_pipeline(device)})
     if aug_repeats > 1:
         install_order(loader, RepeatAugOrder(loader, aug_repeats))
     return loader
@@ -225,12 +512,13 @@ def create_train_loader(path, batch_size: int, device, *, res: int, num_workers:
 
 def create_val_loader(path, batch_size: int, device, *, res: int, crop_pct: float,
                       num_workers: int, in_memory: bool, distributed: bool,
-                      channels_last: bool = True) -> Loader:
+                      channels_last: bool = True) -> FfcvLoader:
     """ffcv Loader yielding center-cropped ``(images uint8 (B,3,res,res), labels int64 (B,))``.
 
-    ``crop_pct`` is the crop's fraction of the short side (timm's ``crop_pct``; resolve the
-    config's 0 to the model's ``pretrained_cfg['crop_pct']`` before calling). Sequential, keeps the
-    last partial batch, and with ``distributed`` each rank reads its own contiguous shard, without
+    ``crop_pct`` has timm's meaning: the short side is resized to ``floor(res / crop_pct)`` and
+    the centre ``res`` x ``res`` is kept (resolve the config's 0 to the model's
+    ``pretrained_cfg['crop_pct']`` before calling). Sequential, keeps the last partial batch,
+    and with ``distributed`` each rank reads its own contiguous shard, without
     the padding duplicates of ffcv's distributed SEQUENTIAL order: every image counts once.
     ``check_datasets(train, val)`` checks that the two files were written with the same classes.
     """
@@ -245,11 +533,12 @@ def create_val_loader(path, batch_size: int, device, *, res: int, crop_pct: floa
         # fewer val images than ranks); the OS cache handles it
         in_memory = in_memory or num_samples < dist.get_world_size()
     device = _as_device(device)
-    decoder = CenterCropRGBImageDecoder((_check_res(res),) * 2, ratio=float(crop_pct))
-    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=bool(in_memory),
-                    order=OrderOption.SEQUENTIAL, distributed=distributed, seed=0, drop_last=False,
-                    pipelines={"image": [decoder] + _image_tail(device, channels_last),
-                               "label": _label_pipeline(device)})
+    decoder = TimmCenterCropDecoder((_check_res(res),) * 2, crop_pct=float(crop_pct))
+    loader = FfcvLoader(str(path), batch_size=batch_size, num_workers=num_workers,
+                        os_cache=bool(in_memory), order=OrderOption.SEQUENTIAL,
+                        distributed=distributed, seed=0, drop_last=False,
+                        pipelines={"image": [decoder] + _image_tail(device, channels_last),
+                                   "label": _label_pipeline(device)})
     if distributed:
         install_order(loader, ShardedSequentialOrder(loader))
     return loader
@@ -284,8 +573,8 @@ def set_train_resolution(loader: Loader, res: int) -> None:
 
 
 def set_epoch(loader: Loader, epoch: int) -> None:
-    """Make the next iteration of ``loader`` use the order of ``epoch`` (seeded by seed + epoch),
-    so a run resumed at epoch e sees the same order as an unbroken one."""
+    """Make the next iteration of ``loader`` use the order and the crops/flips of ``epoch``, so a
+    run resumed at epoch e sees the same samples and augmentations as an unbroken one."""
     if int(epoch) != epoch or epoch < 0:
         raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
     loader.next_epoch = int(epoch)

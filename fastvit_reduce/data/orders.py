@@ -3,6 +3,8 @@
 * ``RepeatAugOrder`` — repeated augmentation with timm ``RepeatAugSampler`` semantics.
 * ``ShardedSequentialOrder`` — validation order: every image exactly once across ranks
   (ffcv's distributed SEQUENTIAL uses torch's ``DistributedSampler``, which pads with duplicates).
+* ``sample_copies(order, epoch, length)`` — which copy of its image each entry of an epoch is (the
+  loader seeds crops by it, so repeated copies are augmented differently).
 * ``install_order(loader, order)`` — why: ``Loader(order=MyOrder)`` fails in ffcv 1.0.2 for both
   a class and an instance (fixed only on ffcv's unreleased main), so we build the loader with a
   built-in order and swap ours in afterwards.
@@ -68,11 +70,27 @@ class RepeatAugOrder(TraversalOrder):
 
     def sample_order(self, epoch: int) -> np.ndarray:
         """This rank's dataset indices for ``epoch`` (length ``num_selected``)."""
+        return self.order_and_copies(epoch)[0]
+
+    def sample_copies(self, epoch: int) -> np.ndarray:
+        """Which copy (0 .. repeats-1) of its image each entry of ``sample_order(epoch)`` is.
+
+        The loader seeds each sample's crop and flip by (seed, epoch, index, copy), so the copies
+        of one image get different augmentations, whichever rank they land on.
+        """
+        return self.order_and_copies(epoch)[1]
+
+    def order_and_copies(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, copies)`` of this rank for ``epoch``, both of length ``num_selected``."""
         rng = np.random.default_rng(self.seed + epoch)
-        repeated = np.repeat(rng.permutation(len(self.indices)), self.repeats)  # (N * repeats,)
+        permutation = rng.permutation(len(self.indices))
+        # position q of the repeated list [a, a, a, b, b, b, ...] holds copy q % repeats of
+        # permutation[q // repeats]; positions past its end wrap around (timm pads the same way)
         total = self.num_samples * self.world_size
         positions = np.arange(self.rank, total, self.world_size)[:self.num_selected]
-        return np.asarray(self.indices)[repeated[positions % len(repeated)]]
+        positions %= len(permutation) * self.repeats
+        indices = np.asarray(self.indices)[permutation[positions // self.repeats]]
+        return indices, positions % self.repeats
 
 
 class ShardedSequentialOrder(TraversalOrder):
@@ -90,6 +108,18 @@ class ShardedSequentialOrder(TraversalOrder):
     def sample_order(self, epoch: int) -> np.ndarray:
         """This rank's contiguous slice of the dataset (the same every epoch)."""
         return np.array_split(np.asarray(self.indices), self.world_size)[self.rank]
+
+
+def sample_copies(order: TraversalOrder, epoch: int, length: int) -> np.ndarray:
+    """Copy number of each of the ``length`` entries of ``order.sample_order(epoch)``: the order's
+    own ``sample_copies`` when it repeats images on purpose (``RepeatAugOrder``), else zeros."""
+    if hasattr(order, "sample_copies"):
+        copies = np.asarray(order.sample_copies(epoch), dtype=np.uint64)
+        if len(copies) != length:
+            raise RuntimeError(f"{type(order).__name__}: {len(copies)} copy numbers for an "
+                               f"epoch of {length} samples")
+        return copies
+    return np.zeros(length, dtype=np.uint64)
 
 
 def install_order(loader, order: TraversalOrder):
