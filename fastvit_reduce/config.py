@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -73,11 +74,15 @@ class Number(Checker):
             raise ValueError("expected a number")
         if self.kind is int:
             as_float = float(value)
+            if not math.isfinite(as_float):
+                raise ValueError(f"{as_float} is not a finite number")
             if not as_float.is_integer():
                 raise ValueError(f"expected an integer, got {value!r}")
             value = int(as_float)
         else:
             value = float(value)
+        if not math.isfinite(value):  # why: nan passes every range check (nan < lo is False)
+            raise ValueError(f"{value} is not a finite number")
         if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
             raise ValueError(f"{value} out of range")
         if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
@@ -101,6 +106,8 @@ class FloatList(Checker):
         if isinstance(value, str):
             value = [v for v in value.strip("[]() ").split(",") if v.strip()]
         out = [float(v) for v in value]
+        if not all(map(math.isfinite, out)):
+            raise ValueError(f"{out} holds a value that is not a finite number")
         if self.length is not None and len(out) != self.length:
             raise ValueError(f"expected {self.length} numbers, got {len(out)}")
         return out
@@ -120,14 +127,41 @@ def declared_keys(sections: Iterable[str] | None = None) -> dict[str, object]:
     return keys
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+class _DuplicateKey(yaml.YAMLError):
+    """A key written twice in one YAML mapping (message: 'line N: ...')."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (a repeated section too).
+
+    why: PyYAML keeps the last value silently, so ``training:`` written twice drops the first
+    block's keys without a word.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # resolve '<<' merge keys first: they may override
+            first: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise _DuplicateKey(f"line {line}: key '{key}' repeated (first at line {first[key]})")
+                    first[key] = line
+                except TypeError:
+                    pass  # an unhashable key: SafeLoader's own error names it
+        return super().construct_mapping(node, deep=deep)
+
+
+def _flatten(tree: dict, prefix: str = "", source: str = "") -> dict[str, object]:
     flat = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(_flatten(v, key + "."))
-        else:
-            flat[key] = v
+        part = _flatten(v, key + ".", source) if isinstance(v, dict) else {key: v}
+        for twice in part.keys() & flat.keys():  # 'training.epochs: 1' beside 'training: {epochs: 2}'
+            raise ConfigError(f"{source}: key '{twice}' is given twice")
+        flat.update(part)
     return flat
 
 
@@ -144,16 +178,21 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, tuple
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' files include each other in a cycle")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    bases = tree.pop("base", None) or []
+    given = tree.pop("base", None)
+    bases = [given] if isinstance(given, str) else given or []
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a file name or a list of file names, got {given!r}")
     merged: dict[str, tuple[object, str]] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merged.update(read_yaml(path.parent / base, _seen + (path.resolve(),)))
-    merged.update({k: (v, str(path)) for k, v in _flatten(tree).items()})
+    merged.update({k: (v, str(path)) for k, v in _flatten(tree, source=str(path)).items()})
     return merged
 
 

@@ -101,3 +101,40 @@ def test_bad_files(tmp_path):
         load_config(["--config", bad], ["cfgtest"])
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(["positional"], ["cfgtest"])
+
+
+@pytest.mark.parametrize("text, line", [
+    ("cfgtest:\n  count: 3\n  mode: b\n  count: 4\n", 4),          # a key repeated
+    ("cfgtest:\n  count: 3\nother: {}\ncfgtest:\n  mode: b\n", 4),  # a whole section repeated
+])
+def test_a_repeated_key_or_section_is_an_error_naming_the_line(tmp_path, text, line):
+    f = write(tmp_path, "dup.yaml", text)
+    with pytest.raises(ConfigError, match=rf"dup.yaml: line {line}: key '\w+' repeated") as e:
+        load_config(["--config", f], ["cfgtest"])
+    assert "\n" not in str(e.value)
+
+
+def test_a_key_given_dotted_and_nested_is_an_error(tmp_path):
+    f = write(tmp_path, "dup.yaml", "cfgtest.count: 3\ncfgtest:\n  count: 4\n")
+    with pytest.raises(ConfigError, match="'cfgtest.count' is given twice"):
+        load_config(["--config", f], ["cfgtest"])
+
+
+@pytest.mark.parametrize("base", ["5", "[a.yaml, 7]", "{x: 1}", "''"])
+def test_base_that_is_not_a_file_name_is_a_config_error(tmp_path, base):
+    f = write(tmp_path, "c.yaml", f"base: {base}\n")
+    with pytest.raises(ConfigError, match="'base' must be a file name or a list of file names"):
+        load_config(["--config", f], ["cfgtest"])
+
+
+@pytest.mark.parametrize("key, value", [("ratio", "nan"), ("ratio", "inf"), ("count", "nan"),
+                                        ("count", "-inf"), ("betas", "0.9,nan")])
+def test_nan_and_inf_fail_number_checks_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"'cfgtest.{key}'.*not a finite number"):
+        load_config([f"--cfgtest.{key}={value}"], ["cfgtest"])
+
+
+def test_nan_from_yaml_fails_too(tmp_path):
+    f = write(tmp_path, "n.yaml", "cfgtest:\n  ratio: .nan\n")
+    with pytest.raises(ConfigError, match="'cfgtest.ratio'"):
+        load_config(["--config", f], ["cfgtest"])
