@@ -1,44 +1,58 @@
 """Build timm ViTs with an MLP reduction strategy, and measure them.
 
     create_model('vit_base_patch16_224', strategy='grouped', scale=0.707)   # 86.57M -> 58.23M params
+    model_from_cfg({"model.arch": "vit_tiny_patch16_224", "reduction.strategy": "thin", ...}, seed=0)
 
-Config sections ``model`` and ``reduction`` (read by ``model_from_config``) live here; the
+Config sections ``model`` and ``reduction`` (read by ``model_from_cfg``) live here; the
 ``reduction`` knobs, their defaults and ranges come from the strategy registry.
+
+``vit_base_patch16_224_dgmlp`` below is the seed's timm model; ``import fastvit_reduce`` registers
+it with timm (see the package docstring).
 """
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
 import torch
-from fastargs import Param, Section, get_current_config
+from fastargs import Param, Section
 from timm.models import clean_state_dict
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastvit_reduce.config import Choice, ConfigError, Number
-from fastvit_reduce.strategies import (STRATEGIES, StrategyError, model_name, param_count, timm_model,
-                                       vit_blocks)
+from fastvit_reduce import SEED_MODELS  # registered with timm by the package's __init__
+from fastvit_reduce.config import Choice, ConfigError, Number, resolved
+from fastvit_reduce.strategies import (STRATEGIES, StrategyError, apply_grouped, model_name, param_count,
+                                       timm_model, vit_blocks)
+
 
 CHOICES = ("baseline", *STRATEGIES)
 KNOB_OWNERS = {k: [s.name for s in STRATEGIES.values() if k in s.knobs]
                for s in STRATEGIES.values() for k in s.knobs}  # knob -> strategies taking it
+KNOB_DEFAULTS = {k: knob for s in STRATEGIES.values() for k, knob in s.knobs.items()}  # knob -> Knob
 
-Section("model", "the timm ViT to build").params(
-    arch=Param(str, "timm model name", default="vit_base_patch16_224"),
+MODEL_PARAMS = dict(
+    arch=Param(str, "timm model name (also the seed's vit_base_patch16_224_dgmlp)", default="vit_base_patch16_224"),
     num_classes=Param(Number(int, 1), "classifier outputs", default=1000),
     img_size=Param(Number(int, 1), "model input size in px (sets the position embedding)", default=224),
     patch_size=Param(Number(int, 0), "patch size in px (0 = the arch's)", default=0),
     drop_path=Param(Number(float, 0, 1, hi_open=True), "stochastic depth rate", default=0.1),
-    checkpoint=Param(str, "baseline state dict loaded before the surgery ('' = none)", default=""),
+    pretrained_file=Param(str, "local state dict (ours or timm's) loaded into the full model before the "
+                          "surgery ('' = none; thin: must already have the thin widths)", default=""),
 )
-Section("reduction", "MLP reduction strategy and its knobs (see fastvit_reduce/strategies)").params(
+REDUCTION_PARAMS = dict(
     strategy=Param(Choice(*CHOICES), "MLP reduction strategy", default="baseline"),
     **{k: Param(knob.checker, f"{knob.help} ({'/'.join(KNOB_OWNERS[k])})", default=knob.default)
-       for s in STRATEGIES.values() for k, knob in s.knobs.items()},
+       for k, knob in KNOB_DEFAULTS.items()},
 )
+Section("model", "the timm ViT to build").params(**MODEL_PARAMS)
+Section("reduction", "MLP reduction strategy and its knobs (see fastvit_reduce/strategies)").params(
+    **REDUCTION_PARAMS)
+DEFAULTS = {**{f"model.{k}": p.default for k, p in MODEL_PARAMS.items()},
+            **{f"reduction.{k}": p.default for k, p in REDUCTION_PARAMS.items()}}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -52,35 +66,55 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict into ``model`` (strict): our trainer checkpoint (a dict with key
-    ``'model'``) or a plain timm state dict, read with ``torch.load(weights_only=True)``."""
+def load_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load a local state dict into ``model`` (strict): our trainer checkpoint (a dict with key
+    ``'model'``) or a plain timm state dict, read with ``torch.load(weights_only=True)``.
+
+    Raises ``StrategyError`` for a missing or unreadable file, and for a state dict that does not
+    fit, naming the missing/unexpected keys and the first tensors whose shapes differ.
+    """
     path = Path(path)
     if not path.is_file():
-        raise StrategyError(f"checkpoint not found: {path}")
+        raise StrategyError(f"pretrained file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise StrategyError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {e}") from None
+        raise StrategyError(f"cannot read pretrained file {path} with torch.load(weights_only=True): {e}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise StrategyError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
-    try:
-        model.load_state_dict(clean_state_dict(state))  # timm: strips DDP/compile prefixes
-    except RuntimeError as e:
-        raise StrategyError(f"checkpoint {path} does not fit {model_name(model)}: {e}") from None
+        raise StrategyError(f"pretrained file {path} holds a {type(state).__name__}, not a state dict")
+    state = clean_state_dict(state)  # timm: strips DDP/compile prefixes
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if shapes or missing or unexpected:
+        parts = [f"{len(shapes)} shape(s) differ: " + "; ".join(shapes[:3]) + (", ..." if len(shapes) > 3 else "")
+                 if shapes else "",
+                 f"missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}" if missing else "",
+                 f"unexpected {', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}" if unexpected else ""]
+        raise StrategyError(f"pretrained file {path} does not fit {model_name(model)}: "
+                            + "; ".join(p for p in parts if p))
+    model.load_state_dict(state)
 
 
-def create_model(name: str, strategy: str | None = None, checkpoint: str | Path | None = None,
+def create_model(name: str, strategy: str | None = None, pretrained_file: str | Path | None = None,
                  round_to: int = 1, **knobs_and_timm_kwargs) -> nn.Module:
     """timm model ``name`` with ``strategy`` (None or 'baseline' = none) applied.
 
     Knobs: thin ``mlp_ratio``; shallow ``keep_ratio``, ``prune_by``; grouped ``scale``,
     ``group_size``; ``round_to`` (thin and shallow) rounds hidden widths to a multiple of it.
-    Everything else goes to ``timm.create_model``. ``checkpoint`` is loaded into the model timm
-    builds, before any surgery (for thin that is the thin model itself). Raises ``StrategyError``
-    for an unknown strategy, a knob of another strategy, a bad knob value or a non-ViT model.
+    Everything else goes to ``timm.create_model``.
+
+    ``pretrained_file`` (a local state dict) is loaded into the model timm builds, before any
+    surgery, so shallow prunes and grouped shares trained weights. For a seed name
+    (``SEED_MODELS``) it is loaded before that model's own grouping. For ``thin`` it is loaded
+    into the thin model itself: a full-width file is an error naming the shapes (why not slice:
+    keeping the first hidden units of a trained model is ``shallow``'s job, ``prune_by=first``;
+    thin means "trained thin from the start", and a silent slice would make the two the same).
+    Raises ``StrategyError`` for an unknown strategy, a knob of another strategy, a bad knob
+    value, a non-ViT model or a pretrained file that does not fit.
     """
     strategy = strategy or "baseline"
     if strategy not in CHOICES:
@@ -94,40 +128,94 @@ def create_model(name: str, strategy: str | None = None, checkpoint: str | Path 
     for k in knobs:
         if k not in own:
             raise StrategyError(f"{k} is a knob of {' and '.join(KNOB_OWNERS[k])}, not of {strategy}")
+    if pretrained_file and name in SEED_MODELS:
+        kwargs["pretrained_file"], pretrained_file = pretrained_file, None  # loaded before its grouping
     if spec and spec.at_creation:
         model = spec.apply(name, **knobs, **kwargs)
-        if checkpoint:
-            load_checkpoint(model, checkpoint)
-        return model
-    model = timm_model(name, **kwargs)
-    if checkpoint:
-        load_checkpoint(model, checkpoint)
-    return spec.apply(model, **knobs) if spec else model
+    else:
+        model = timm_model(name, **kwargs)
+    if pretrained_file:
+        try:
+            load_pretrained(model, pretrained_file)
+        except StrategyError as e:
+            hint = (" (thin builds thin MLPs from scratch; to start from full-width weights use "
+                    "reduction.strategy=shallow)" if strategy == "thin" else "")
+            raise StrategyError(f"{e}{hint}") from None
+    return spec.apply(model, **knobs) if spec and not spec.at_creation else model
 
 
-def model_from_config(dynamic_img_size: bool = False, **timm_overrides) -> nn.Module:
-    """``create_model`` from the current ``model.*`` / ``reduction.*`` config.
+def model_from_cfg(cfg: dict, *, dynamic_img_size: bool = False, seed: int | None = None,
+                   **timm_overrides) -> nn.Module:
+    """``create_model`` from a flat resolved config dict (``{"model.arch": ..., "reduction.strategy":
+    ..., "reduction.mlp_ratio": ...}``; a missing ``model.*`` / ``reduction.*`` key takes its default).
 
-    Only the chosen strategy's knobs are passed; a knob of another strategy set explicitly in
-    the config raises ``ConfigError`` (it would silently do nothing).
+    Only the chosen strategy's knobs are passed. A knob of another strategy whose value differs
+    from its default raises ``ConfigError`` (it would silently do nothing). With ``seed``,
+    ``torch.manual_seed(seed)`` runs just before timm builds the model, so variants built from the
+    full model (shallow, grouped) start from the same weights before their surgery.
     """
-    cfg = get_current_config()
-    strategy = cfg["reduction.strategy"]
+    def get(key):
+        return cfg[key] if key in cfg else DEFAULTS[key]
+
+    strategy = get("reduction.strategy")
     own = STRATEGIES[strategy].knobs if strategy in STRATEGIES else {}
-    stray = [k for k in KNOB_OWNERS if k not in own and ("reduction", k) in cfg.content]
+    stray = [k for k, knob in KNOB_DEFAULTS.items()
+             if k not in own and f"reduction.{k}" in cfg and not _same(knob, cfg[f"reduction.{k}"])]
     if stray:
         raise ConfigError("configuration error:\n  " + "\n  ".join(
             f"'reduction.{k}' is a knob of {' and '.join(KNOB_OWNERS[k])}, but reduction.strategy is "
             f"{strategy!r}" for k in stray))
-    kwargs = dict(num_classes=cfg["model.num_classes"], img_size=cfg["model.img_size"],
-                  drop_path_rate=cfg["model.drop_path"])
-    if cfg["model.patch_size"]:
-        kwargs["patch_size"] = cfg["model.patch_size"]
+    kwargs = dict(num_classes=get("model.num_classes"), img_size=get("model.img_size"),
+                  drop_path_rate=get("model.drop_path"))
+    if get("model.patch_size"):
+        kwargs["patch_size"] = get("model.patch_size")
     if dynamic_img_size:
         kwargs["dynamic_img_size"] = True
     kwargs.update(timm_overrides)
-    kwargs.update({k: cfg[f"reduction.{k}"] for k in own})
-    return create_model(cfg["model.arch"], strategy=strategy, checkpoint=cfg["model.checkpoint"] or None, **kwargs)
+    kwargs.update({k: get(f"reduction.{k}") for k in own})
+    if seed is not None:
+        torch.manual_seed(seed)
+    return create_model(get("model.arch"), strategy=strategy, pretrained_file=get("model.pretrained_file") or None,
+                        **kwargs)
+
+
+def _same(knob, value) -> bool:
+    """``value`` equals the knob's default once both pass its checker (``"0.707"`` == 0.707)."""
+    try:
+        return knob.checker.check(value) == knob.checker.check(knob.default)
+    except (TypeError, ValueError):
+        return False
+
+
+def model_from_config(dynamic_img_size: bool = False, **timm_overrides) -> nn.Module:
+    """``model_from_cfg`` on the current fastargs ``model.*`` / ``reduction.*`` config."""
+    return model_from_cfg(resolved(["model", "reduction"]), dynamic_img_size=dynamic_img_size, **timm_overrides)
+
+
+# ----------------------------------------------------------------------------- the seed's model names
+# (registered with timm by fastvit_reduce/__init__.py, which forwards here)
+def vit_base_patch16_224_dgmlp(pretrained: bool = False, mlp_scale: float = 1 / math.sqrt(2),
+                               pretrained_file: str | Path | None = None, **kwargs) -> nn.Module:
+    """The seed's DG-ViT-B/16 (its ``parameter_reduction/strategies/dg_vit.py``): timm's standard
+    ``vit_base_patch16_224`` (same init, same ``pretrained_cfg``), then adjacent blocks share one
+    MLP scaled by ``mlp_scale`` (= ``apply_grouped(scale=mlp_scale, group_size=2)``; 58,233,064
+    params at 1000 classes).
+
+    ``pretrained=True`` loads ``pretrained_file`` (or timm's ``pretrained_cfg_overlay=dict(file=...)``)
+    before the grouping; hub downloads are off, so ``pretrained=True`` without a local file raises
+    ``StrategyError``. A ``pretrained_file`` alone implies ``pretrained``. Other ``kwargs`` go to
+    timm's ``vit_base_patch16_224`` (img_size, num_classes, drop_path_rate, ...).
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    file = pretrained_file or (overlay.get("file") if pretrained else None)
+    if pretrained and not file:
+        raise StrategyError("vit_base_patch16_224_dgmlp: pretrained=True needs a local file "
+                            "(pretrained_file=PATH or model.pretrained_file); hub downloads are off")
+    from timm.models.vision_transformer import vit_base_patch16_224
+    model = vit_base_patch16_224(pretrained=False, **kwargs)
+    if file:
+        load_pretrained(model, file)
+    return apply_grouped(model, scale=mlp_scale, group_size=2)
 
 
 def mlp_stats(model: nn.Module) -> dict:
