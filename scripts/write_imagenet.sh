@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # Write ImageNet's train and val splits as FFCV .beton files, like ffcv-imagenet's write_imagenet.sh.
 #
-#   IMAGENET_DIR=/data/imagenet WRITE_DIR=/data/ffcv scripts/write_imagenet.sh 256 0.50 90
-#     -> /data/ffcv/train_256_0.50_90.beton and /data/ffcv/val_256_0.50_90.beton
+#   IMAGENET_DIR=/data/imagenet WRITE_DIR=/data/ffcv scripts/write_imagenet.sh 512 0.50 90
+#   (the same as giving no numbers: 512 0.50 90 is the default)
+#     -> /data/ffcv/train_512_0.50_90.beton and /data/ffcv/val_512_0.50_90.beton
 #        (+ .classes.json and .report.json beside each)
+#
+# Storage resolution (MAX_RES caps the long side; ImageNet JPEGs are ~500x375, so 512 keeps
+# nearly every photo at its own size):
+#   512  the default. Random-resized crops for 224 px are cut from the photo itself, and the val
+#        crop (short side 224/0.9 = 248 bicubic, centre 224) has the pixels timm's eval uses, as
+#        the seed trains on full-resolution JPEGs. ffcv-imagenet's ResNet-50 data uses 500.
+#   256  a fast option (`write_imagenet.sh 256 0.50 90` -> train_256_0.50_90.beton): ~1/4 of the
+#        pixels to store and decode, but most 224 px crops and the whole val crop (0.9 x ~192 =
+#        ~172 px) are then upsampled to 224: a candidate cause of top-1 below the seed's recipe
+#        (issue 12; not yet measured alone). Use it for quick experiments, not for numbers
+#        compared with the seed.
 #
 # IMAGENET_DIR holds train/ and val/, each with one folder per class (ImageFolder layout).
 # Extra arguments go to every `fastvit-reduce write` call, e.g. --cfg.num_workers=16.
@@ -14,15 +26,19 @@ set -euo pipefail
 usage() {
     [ $# -gt 0 ] && echo "write_imagenet.sh: $*" >&2
     cat >&2 <<'USAGE'
-usage: IMAGENET_DIR=DIR WRITE_DIR=DIR scripts/write_imagenet.sh MAX_RES COMPRESS_PROB JPEG_QUALITY [--cfg.KEY=VALUE ...]
-  MAX_RES        long side of the stored images in px (e.g. 256; ffcv-imagenet's ResNet-50 uses 500)
+usage: IMAGENET_DIR=DIR WRITE_DIR=DIR scripts/write_imagenet.sh [MAX_RES COMPRESS_PROB JPEG_QUALITY] [--cfg.KEY=VALUE ...]
+  (no numbers = 512 0.50 90, the default)
+  MAX_RES        long side of the stored images in px (512 recommended; 256 = fast option, lower top-1)
   COMPRESS_PROB  share of images stored as JPEG, the rest as raw pixels (e.g. 0.50)
   JPEG_QUALITY   JPEG quality 1-100 (e.g. 90)
 USAGE
     exit 2
 }
 
-[ $# -ge 3 ] || usage "expected 3 arguments, got $#"
+if [ $# -eq 0 ] || [[ $1 == --* ]]; then
+    set -- 512 0.50 90 "$@"  # the default storage (see the header)
+fi
+[ $# -ge 3 ] || usage "expected MAX_RES COMPRESS_PROB JPEG_QUALITY (or none, for 512 0.50 90), got $# argument(s)"
 MAX_RES=$1 COMPRESS_PROB=$2 JPEG_QUALITY=$3
 shift 3
 [[ $MAX_RES =~ ^[0-9]+$ ]] || usage "MAX_RES must be a whole number of pixels, got '$MAX_RES'"
