@@ -1,11 +1,16 @@
-"""Checkpoints that survive kill -9, full disks and untrusted files.
+"""Checkpoints that survive kill -9, full disks and untrusted or damaged files.
 
-* ``save(state, path)`` writes to a temporary file in the same folder, fsyncs it, renames it over
-  ``path`` and fsyncs the folder: a reader sees the old file or the new one, never half of one.
-  If the disk is full the temporary file is removed and the previous checkpoint stays intact.
+* ``save(state, path)`` writes to ``.<name>.tmp<pid>`` in the same folder, fsyncs it, renames it
+  over ``path`` and fsyncs the folder: a reader sees the old file or the new one, never half of
+  one. If the write fails (a full disk: ``OSError`` or torch's ``RuntimeError``) the temporary
+  file is removed, the previous checkpoint stays intact and ``CheckpointError`` names the file and
+  the cause. ``clean_stale_tmp(folder)`` removes the temporary files of writers killed by kill -9.
 * Only tensors and plain Python values (dict, list, tuple, str, int, float, bool, None) may be
-  saved, so every checkpoint loads with ``torch.load(weights_only=True)``; ``load`` refuses files
-  that would need arbitrary pickles.
+  saved, so every checkpoint loads with ``torch.load(weights_only=True)``.
+* ``load(path)`` sorts every failure into one ``CheckpointError.kind``: ``"damaged"`` (empty,
+  truncated, overwritten, a CRC mismatch in the zip), ``"foreign"`` (readable, but not one of our
+  checkpoints) or ``"unsafe"`` (asks for a Python class: refused, never loaded unsafely), and
+  ``move_aside(path)`` renames a bad file so a run can start fresh or from ``best.pt``.
 * ``rng_state()`` / ``set_rng_state()`` capture python, numpy, torch and CUDA generators as
   plain values.
 * ``config_diff()`` names the keys in which a resumed run's config differs from the saved one.
@@ -15,14 +20,27 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
+import zipfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
+OUR_KEYS = ("format", "model", "epoch")  # every last.pt / best.pt the trainer writes holds these
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message says which file and why."""
+    """A checkpoint could not be written or read; the message says which file and why.
+
+    ``kind``: ``"write"`` (save failed), ``"unreadable"`` (the OS refused to open it), or for a
+    file that opened: ``"damaged"``, ``"foreign"``, ``"unsafe"``.
+    """
+
+    def __init__(self, message: str, kind: str = "write"):
+        super().__init__(message)
+        self.kind = kind
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -57,44 +75,132 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _tmp_name(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.tmp{pid}")
+
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
 def save(state: dict, path: str | Path) -> None:
     """Atomically write ``state`` to ``path`` (temp file + fsync + rename + fsync of the folder).
 
-    Raises ``CheckpointError`` when the state holds a non-plain value or the write fails
-    (e.g. ``ENOSPC``); in both cases an existing file at ``path`` is left untouched.
+    Raises ``CheckpointError`` (kind ``"write"``) when the state holds a non-plain value or the
+    write fails (e.g. ``ENOSPC``, which torch reports as ``RuntimeError``); in every case the
+    temporary file is removed and an existing file at ``path`` is left untouched.
     """
     path = Path(path)
     try:
         check_plain(state)
     except TypeError as e:
         raise CheckpointError(f"refusing to write {path}: {e}") from None
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_name(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise CheckpointError(f"could not write checkpoint {path}: {e}{kept}") from None
+        cause = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"could not write checkpoint {path}: {cause[:300]}{kept}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # after an error or an interrupt (KeyboardInterrupt) alike
     _fsync_dir(path.parent)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def clean_stale_tmp(folder: str | Path) -> list[Path]:
+    """Remove ``.<name>.tmp<pid>`` files (left by ``save`` when its process was kill -9'd) whose
+    pid is not alive on this host, or is this process's own (an earlier run that got the same pid,
+    common in containers); return the removed paths. Call it before this process saves.
+
+    Call it while holding the run folder's lock: a pid is only meaningful on the host that wrote
+    the file, and the lock guarantees no other writer (on any host) is saving into ``folder``.
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*"):
+        m = _TMP.match(tmp.name)
+        if m is None or not tmp.is_file():
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def load(path: str | Path) -> dict:
-    """Load a checkpoint on CPU with ``torch.load(weights_only=True)``; refuse anything else."""
+    """Load a checkpoint on CPU with ``torch.load(weights_only=True)``; refuse anything else.
+
+    Raises ``CheckpointError`` with ``kind`` ``"damaged"`` (empty, truncated, overwritten, CRC
+    mismatch), ``"foreign"`` (no dict with ``OUR_KEYS``), ``"unsafe"`` (would unpickle a Python
+    class: refused; loading it with ``weights_only=False`` is never suggested) or ``"unreadable"``.
+    """
     path = Path(path)
+
+    def fail(kind: str, what: str):
+        error = CheckpointError(f"checkpoint {path}: {what}", kind)
+        error.__suppress_context__ = True  # why: torch's own message advises an unsafe load
+        raise error
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}", "unreadable") from None
+    if size == 0:
+        fail("damaged", "damaged: empty file (0 bytes)")
+    if zipfile.is_zipfile(path):  # torch's format: a zip; check every member's CRC32 (torch does not)
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            fail("damaged", f"damaged: unreadable zip ({e})")
+        if bad is not None:
+            fail("damaged", f"damaged: CRC mismatch in {bad} (overwritten)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing {path}: it needs arbitrary pickles to load, which we do "
-                              f"not allow ({str(e).splitlines()[0]})") from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        wanted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if wanted:
+            fail("unsafe", f"unsafe pickle: refused (it asks for the Python object {wanted[1]}; "
+                           "our checkpoints hold only tensors and plain values)")
+        fail("damaged", "damaged: not a readable torch file")
+    except Exception as e:  # noqa: BLE001 — torch raises KeyError, OSError, EOFError, ... on garbage
+        detail = " ".join(str(e).split())[:120]
+        fail("damaged", f"damaged: not a readable torch file ({type(e).__name__}{': ' + detail if detail else ''})")
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+        fail("foreign", f"not a fastvit-reduce checkpoint (holds a {type(state).__name__}, not a dict)")
+    missing = [k for k in OUR_KEYS if k not in state]
+    if missing:
+        fail("foreign", f"not a fastvit-reduce checkpoint (no {', '.join(map(repr, missing))} key)")
     return state
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename a bad checkpoint to ``<name>.damaged-<UTC time>`` (kept for a post-mortem, out of
+    the way of resuming) and return the new path."""
+    path = Path(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    new = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while new.exists():  # two moves within one second
+        new, n = path.with_name(f"{path.name}.damaged-{stamp}-{n}"), n + 1
+    os.rename(path, new)
+    return new
 
 
 def rng_state() -> dict:
