@@ -1,0 +1,387 @@
+"""``fastvit-reduce bench e2e``: the same recipe through two data paths, end to end.
+
+    fastvit-reduce sample --out sample
+    fastvit-reduce bench e2e --train-dir sample/train --val-dir sample/val --beton-dir /tmp/betons \\
+        --config rn_configs/sample/base.yaml --epochs 3 --repeats 2 [--json] [--set key=value ...]
+
+Paths (the rest of the loop is the trainer's own code, for both):
+
+* ``timm`` — the ordinary pipeline, built as timm's ``train.py`` builds it (1.0.x defaults):
+  ``create_dataset`` on the ImageFolder, ``create_loader`` with PIL transforms in worker
+  processes (``create_transform``: RandomResizedCrop with ``interpolation='random'``,
+  RandAugment, colour jitter 0.4 which timm itself drops when RandAugment is on), the
+  prefetcher (normalise + RandomErasing on the batch), ``FastCollateMixup`` as the collate
+  function, repeated augmentation through ``RepeatAugSampler`` (which timm only builds in
+  distributed mode: with ``augment.aug_repeats`` > 1 the child joins a one-process gloo group, as
+  ``torchrun --nproc-per-node=1 train.py`` would), eval with the model's interpolation and
+  ``crop_pct``. Pillow 13 guard: ``guard_posterize``.
+* ``ours`` — the trainer's FFCV source from the ``.beton`` files.
+
+The ``.beton`` files are written once first (their cost is its own line). Then the runs go
+interleaved (ours, timm, ours, timm, ...) as separate processes, so start-up is real, and the
+table shows per path (median over repeats): wall s, start-up s (process start to the first
+training batch), steady img/s (epochs >= 1; epoch 0 when there is only one), CPU-seconds
+(``rusage`` of the child), data-wait fraction, final top-1, and ours/timm ratios.
+
+The seed's augmentation recipe (RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0,
+reprob 0.25) is set on top of ``--config`` unless ``--set`` changes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEED_RECIPE = {"augment.randaugment": "rand-m9-mstd0.5-inc1", "augment.mixup": 0.8, "augment.cutmix": 1.0,
+               "augment.reprob": 0.25}
+PATHS = ("ours", "timm")
+STARTUP_FILE = "e2e_startup.json"  # written by the child into its run folder
+COLUMNS = [("path", "path"), ("wall_s", "wall s"), ("startup_s", "start-up s"), ("steady_img_s", "steady img/s"),
+           ("cpu_s", "CPU s"), ("data_wait_frac", "data wait"), ("top_1", "top-1 %")]
+
+
+class UsageError(ValueError):
+    """A bad command line or input folder; printed as one ``error:`` line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- the timm path
+def guard_posterize() -> None:
+    """Make timm's PIL posterize give its old meaning for ``bits <= 0`` (an all-black image).
+
+    why: with ``rand-m9-mstd0.5-inc1`` the magnitude noise reaches 10 and the increasing
+    posterize asks for ``bits=0``; Pillow 13's ``ImageOps.posterize`` raises for that (older
+    Pillow returned black), which kills a worker a few batches into an epoch. timm's
+    ``AugmentOp`` looks its function up in ``timm.data.auto_augment.NAME_TO_OP`` when it is
+    built, so the entries are replaced here, before ``create_transform``.
+    """
+    from PIL import Image
+    from timm.data import auto_augment
+
+    original = auto_augment.posterize
+    if getattr(original, "guarded", False):
+        return
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)  # all zero = black, as Pillow < 13 gave
+        return original(img, bits_to_keep, **kwargs)
+
+    posterize.guarded = True
+    auto_augment.posterize = posterize
+    for name, fn in list(auto_augment.NAME_TO_OP.items()):
+        if fn is original:
+            auto_augment.NAME_TO_OP[name] = posterize
+
+
+def _eval_data_config(cfg: dict) -> dict:
+    """timm's data config (interpolation, crop_pct, mean, std) of the configured model, from a
+    ``meta``-device copy (shapes only: no memory, no init)."""
+    import torch
+    from timm.data import resolve_data_config
+
+    from fastvit_reduce.models import model_from_cfg
+
+    with torch.device("meta"):
+        model = model_from_cfg(cfg)
+    return resolve_data_config({}, model=model)
+
+
+class TimmSource:
+    """Train batches from timm's own loaders on an ImageFolder (the ``TrainSource`` protocol).
+
+    ``epoch(e)`` yields ``(x, target)``: ``x`` normalised float32 ``(B, 3, H, W)`` on ``device``;
+    ``target`` ``(B, num_classes)`` soft rows when mixup/cutmix is on (``soft_targets``), else
+    int64 labels. ``val()`` yields normalised ``x`` and int64 labels, or is None without ``val_dir``.
+    """
+
+    def __init__(self, cfg: dict, device, mean, std, *, train_dir: str, val_dir: str | None = None,
+                 prefetcher: bool = True):
+        import torch
+        import torch.distributed as dist
+        from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
+
+        from fastvit_reduce.config import ConfigError
+
+        if cfg["resolution.min_res"] != cfg["resolution.max_res"]:
+            raise ConfigError("bench e2e: timm's loader has no progressive resizing; set resolution.min_res "
+                              f"= resolution.max_res (got {cfg['resolution.min_res']} and {cfg['resolution.max_res']})")
+        guard_posterize()
+        self.device = torch.device(device)
+        self.prefetcher = prefetcher
+        repeats = cfg["augment.aug_repeats"] if cfg["augment.aug_repeats"] > 1 else 0  # timm: 0 = off
+        distributed = dist.is_available() and dist.is_initialized()
+        if repeats and not distributed:
+            # why: timm's create_loader builds RepeatAugSampler only when distributed (it asserts
+            # otherwise); a one-process group is what `torchrun --nproc-per-node=1 train.py` gives.
+            store = Path(tempfile.mkdtemp(prefix="e2e_gloo_")) / "store"
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+            distributed = True
+        self.distributed = distributed
+        data_cfg = _eval_data_config(cfg)
+        res = cfg["resolution.max_res"]
+        val_res = cfg["validation.resolution"] or cfg["model.img_size"]
+        mixup_active = cfg["augment.mixup"] > 0 or cfg["augment.cutmix"] > 0
+        mixup_args = dict(mixup_alpha=cfg["augment.mixup"], cutmix_alpha=cfg["augment.cutmix"], cutmix_minmax=None,
+                          prob=cfg["augment.mixup_prob"], switch_prob=cfg["augment.mixup_switch_prob"],
+                          mode=cfg["augment.mixup_mode"], label_smoothing=cfg["training.label_smoothing"],
+                          num_classes=cfg["model.num_classes"])
+        self.soft_targets = mixup_active
+        collate_fn, self.mixup_fn = None, None
+        if mixup_active:  # as train.py: mixup in the collate with the prefetcher, else on the batch
+            if prefetcher:
+                collate_fn = FastCollateMixup(**mixup_args)
+            else:
+                self.mixup_fn = Mixup(**mixup_args)
+        common = dict(mean=tuple(mean), std=tuple(std), pin_memory=False, img_dtype=torch.float32,
+                      device=self.device, distributed=distributed, use_prefetcher=prefetcher)
+        self.dataset = create_dataset("", root=train_dir, split="train", is_training=True,
+                                      batch_size=cfg["training.batch_size"], seed=cfg["training.seed"])
+        # train.py's defaults for what our config does not name: train_crop_mode None, vflip 0,
+        # color_jitter 0.4 (off under RandAugment), interpolation 'random', re_split off, worker_seeding 'all'
+        self.loader = create_loader(
+            self.dataset, input_size=(3, res, res), batch_size=cfg["training.batch_size"], is_training=True,
+            no_aug=False, re_prob=cfg["augment.reprob"], re_mode=cfg["augment.remode"],
+            re_count=cfg["augment.recount"], re_split=False, scale=tuple(cfg["data.rrc_scale"]),
+            ratio=tuple(cfg["data.rrc_ratio"]), hflip=0.5 if cfg["data.hflip"] else 0.0, vflip=0.0,
+            color_jitter=0.4, auto_augment=cfg["augment.randaugment"] or None, num_aug_repeats=repeats,
+            num_aug_splits=0, interpolation="random", num_workers=cfg["data.num_workers"],
+            worker_seeding="all", collate_fn=collate_fn, **common)
+        self.val_loader = None
+        if val_dir:
+            val_set = create_dataset("", root=val_dir, split="validation", is_training=False,
+                                     batch_size=cfg["validation.batch_size"])
+            self.val_loader = create_loader(
+                val_set, input_size=(3, val_res, val_res), batch_size=cfg["validation.batch_size"],
+                is_training=False, interpolation=data_cfg["interpolation"], num_workers=cfg["data.num_workers"],
+                crop_pct=cfg["data.crop_pct"] or data_cfg["crop_pct"], **common)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        """One epoch of ``(x, target)`` batches (train.py: ``sampler.set_epoch`` when distributed)."""
+        if self.distributed and hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.set_epoch(epoch)
+        for x, target in self.loader:
+            if not self.prefetcher:
+                x, target = x.to(self.device), target.to(self.device)
+                if self.mixup_fn is not None:
+                    x, target = self.mixup_fn(x, target)
+            yield x, target
+
+    def val(self):
+        """Validation batches (normalised ``x``, int64 labels), or None."""
+        return self.val_loader
+
+
+# ----------------------------------------------------------------------------- one child run
+def child_main(path: str, train_argv: list[str], train_dir: str, val_dir: str, t0: float) -> int:
+    """Inside the child process: ``trainer.main(train_argv)`` with ``path``'s data source, and the
+    time from process start (``t0``, the parent's clock at launch) to the first train batch
+    written to ``<run folder>/e2e_startup.json``."""
+    import functools
+
+    from fastvit_reduce import trainer
+
+    if path == "timm":
+        factory = functools.partial(TimmSource, train_dir=train_dir, val_dir=val_dir)
+    else:
+        factory = trainer.ffcv_source  # the trainer's default source, named so it can be timed
+
+    def timed_factory(cfg, device, mean, std):
+        source = factory(cfg, device, mean, std)
+        folder = Path(cfg["logging.folder"]) / cfg["logging.experiment"]
+        return FirstBatchClock(source, folder / STARTUP_FILE, t0)
+
+    return trainer.main(train_argv, source_factory=timed_factory)
+
+
+class FirstBatchClock:
+    """A ``TrainSource`` wrapper that records when the first training batch arrives."""
+
+    def __init__(self, source, out: Path, t0: float):
+        self.source, self.out, self.t0, self.done = source, out, t0, False
+        self.soft_targets = source.soft_targets
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def epoch(self, epoch: int):
+        for batch in self.source.epoch(epoch):
+            if not self.done:
+                self.done = True
+                self.out.write_text(json.dumps({"startup_s": time.time() - self.t0}) + "\n")
+            yield batch
+
+    def val(self):
+        return self.source.val()
+
+
+def run_child(path: str, train_argv: list[str], args, run_dir: Path) -> dict:
+    """Run one path as a child process; return its row (None for what it did not report)."""
+    cmd = [sys.executable, "-m", "fastvit_reduce.bench.e2e", "--child", path, "--train-dir", args.train_dir,
+           "--val-dir", args.val_dir, "--t0", "{t0}", "--", *train_argv]
+    t0 = time.time()
+    start = time.perf_counter()
+    cmd[cmd.index("{t0}")] = repr(t0)
+    log = open(run_dir.parent / f"{run_dir.name}.out", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child (and what it waited for)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    log.close()
+    row = dict(path=path, rc=proc.returncode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
+               startup_s=None, steady_img_s=None, data_wait_frac=None, top_1=None, log=log.name)
+    startup = run_dir / STARTUP_FILE
+    if startup.is_file():
+        row["startup_s"] = json.loads(startup.read_text())["startup_s"]
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
+        if (run_dir / "log.jsonl").is_file() else []
+    steady = [r["train_img_s"] for r in rows if r.get("epoch", 0) >= 1 and r.get("train_img_s")] or \
+             [r["train_img_s"] for r in rows if r.get("train_img_s")]
+    row["steady_img_s"] = statistics.mean(steady) if steady else None
+    final = json.loads((run_dir / "final.json").read_text()) if (run_dir / "final.json").is_file() else {}
+    row["data_wait_frac"] = final.get("data_wait_frac")
+    row["top_1"] = final.get("final_top_1")
+    return row
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def write_betons(args) -> tuple[dict, float]:
+    """Write train/val ``.beton`` files into ``--beton-dir``; return their paths and the seconds taken."""
+    from fastvit_reduce.data.write import WriteError, write_split
+
+    out = Path(args.beton_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, start = {}, time.perf_counter()
+    for split, folder in (("train", args.train_dir), ("val", args.val_dir)):
+        # the writer wants data_dir/<split>/<class>/...: point it at the parent of the given folder
+        folder = Path(folder).absolute()
+        link = out / "src" / split
+        link.parent.mkdir(exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(folder, target_is_directory=True)
+        paths[split] = str(out / f"{split}_{args.max_res}.beton")
+        try:
+            write_split(str(link.parent), split, paths[split], max_resolution=args.max_res,
+                        num_workers=args.write_workers)
+        except WriteError as e:
+            raise UsageError(f"writing {split}: {e}") from None
+    return paths, time.perf_counter() - start
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Median of each column per path, plus an ``ours/timm`` row of ratios."""
+    out = []
+    for path in PATHS:
+        mine = [r for r in rows if r["path"] == path]
+        row = {"path": path, "runs": len(mine), "failed": sum(r["rc"] != 0 for r in mine)}
+        for key, _ in COLUMNS[1:]:
+            values = [r[key] for r in mine if r[key] is not None]
+            row[key] = statistics.median(values) if values else None
+        out.append(row)
+    ours, timm = out
+    ratio = {"path": "ours/timm"}
+    for key, _ in COLUMNS[1:]:
+        a, b = ours[key], timm[key]
+        ratio[key] = a / b if a is not None and b else None
+    return out + [ratio]
+
+
+def format_table(summary: list[dict], beton_s: float, title: str) -> str:
+    """The summary as a fixed-width text table."""
+    def cell(key, v):
+        if v is None:
+            return "-"
+        if key == "path":
+            return v
+        return f"{v:.3f}" if key == "data_wait_frac" or v < 10 else f"{v:.1f}"
+    lines = [title, f".beton write (once, not in the rows): {beton_s:.1f} s"]
+    rows = [[h for _, h in COLUMNS]] + [[cell(k, r.get(k)) for k, _ in COLUMNS] for r in summary]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]):
+    p = argparse.ArgumentParser(prog="fastvit-reduce bench e2e", description=__doc__.splitlines()[0])
+    p.add_argument("--train-dir", required=True, help="ImageFolder train split (one folder per class)")
+    p.add_argument("--val-dir", required=True, help="ImageFolder val split")
+    p.add_argument("--beton-dir", required=True, help="where the .beton files are written (once)")
+    p.add_argument("--config", required=True, help="trainer YAML, e.g. rn_configs/sample/base.yaml")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per path, interleaved (default 1)")
+    p.add_argument("--max-res", type=int, default=512, help="stored long side of the .beton images, px (default 512)")
+    p.add_argument("--write-workers", type=int, default=0, help="writer processes (0 = one per core)")
+    p.add_argument("--out", default=None, help="run folders (default: <beton-dir>/runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override, repeatable")
+    p.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat (a smoke test)")
+    p.add_argument("--json", action="store_true", help="print JSON (per-run rows and the summary)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        raise UsageError("bad arguments (see above)") if e.code else e
+    if args.quick:
+        args.epochs, args.repeats = 1, 1
+    for name in ("epochs", "repeats", "max_res"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("train_dir", "val_dir"):
+        if not Path(getattr(args, name)).is_dir():
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a folder")
+    if not Path(args.config).is_file():
+        raise UsageError(f"--config {args.config}: file not found")
+    for s in args.set:
+        if "=" not in s:
+            raise UsageError(f"--set expects KEY=VALUE, got {s!r}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """``bench e2e`` (or, with ``--child``, one run inside a child process); returns the exit code."""
+    if argv[:1] == ["--child"]:
+        sep = argv.index("--")  # --child PATH --train-dir D --val-dir D --t0 T -- TRAINER ARGS
+        opts = dict(zip(argv[0:sep:2], argv[1:sep:2]))
+        return child_main(opts["--child"], argv[sep + 1:], opts["--train-dir"], opts["--val-dir"],
+                          float(opts["--t0"]))
+    try:
+        args = parse(argv)
+        betons, beton_s = write_betons(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(args.beton_dir) / "runs").absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    sets = {**{k: str(v) for k, v in SEED_RECIPE.items()}, **dict(s.split("=", 1) for s in args.set)}
+    rows = []
+    for r in range(args.repeats):
+        for path in PATHS:  # interleaved: machine drift hits both paths alike
+            name = f"{path}_r{r}"
+            train_argv = ["--config", args.config, f"--data.train_dataset={betons['train']}",
+                          f"--data.val_dataset={betons['val']}", f"--training.epochs={args.epochs}",
+                          f"--logging.folder={out}", f"--logging.experiment={name}", "--logging.progress=0",
+                          *[f"--{k}={v}" for k, v in sets.items()]]
+            if (out / name).exists():  # a fresh run, not a resume of an earlier benchmark
+                shutil.rmtree(out / name)
+            rows.append(run_child(path, train_argv, args, out / name))
+            print(f"{name}: rc {rows[-1]['rc']}, {rows[-1]['wall_s']:.1f} s, log {rows[-1]['log']}", file=sys.stderr)
+    summary = summarise(rows)
+    if args.json:
+        print(json.dumps({"beton_write_s": beton_s, "epochs": args.epochs, "repeats": args.repeats,
+                          "runs": rows, "summary": summary}, indent=1))
+    else:
+        print(format_table(summary, beton_s, f"bench e2e: {args.config}, {args.epochs} epoch(s), "
+                                             f"median of {args.repeats} run(s) per path"))
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
