@@ -221,6 +221,9 @@ def test_checkpoint_errors(tmp_path):
     ("shallow", dict(keep_ratio=0), r"keep_ratio must be a number > 0 and <= 1, got 0"),
     ("shallow", dict(keep_ratio=1.5), r"keep_ratio must be a number > 0 and <= 1"),
     ("shallow", dict(keep_ratio=1.0), r"keeps all 256 hidden units .*nothing would change"),
+    # round_to that rounds the "reduced" width past the baseline's (issue 15: 3.3x larger MLPs)
+    ("thin", dict(mlp_ratio=2.0, round_to=1000), r"hidden width 1000, larger than .*'s own 256: a reduction"),
+    ("shallow", dict(keep_ratio=0.5, round_to=1000), r"hidden width 1000, larger than the 256 hidden units"),
     ("shallow", dict(prune_by="random"), r"prune_by must be one of first\|magnitude, got 'random'"),
     ("grouped", dict(group_size=1), r"group_size must be an integer >= 2"),
     ("grouped", dict(group_size=5), r"group_size must be an integer >= 2 and <= depth \(4\), got 5"),

@@ -51,7 +51,11 @@ def apply_shallow(model: nn.Module, keep_ratio: float = 0.5, prune_by: str = "fi
     widths = set()
     for mlp in {id(b.mlp): b.mlp for b in blocks}.values():  # a shared MLP is pruned once
         hidden = mlp.fc1.out_features
-        k = min(hidden, round_width(knobs["keep_ratio"] * hidden, knobs["round_to"]))
+        k = round_width(knobs["keep_ratio"] * hidden, knobs["round_to"])
+        if k > hidden:  # round_to rounded the kept width past the MLP's own
+            raise StrategyError(f"shallow: keep_ratio {knobs['keep_ratio']} (round_to {knobs['round_to']}) "
+                                f"gives hidden width {k}, larger than the {hidden} hidden units of "
+                                f"{model_name(model)}: a reduction must make the MLP smaller")
         if k == hidden:
             raise StrategyError(f"shallow: keep_ratio {knobs['keep_ratio']} (round_to {knobs['round_to']}) keeps "
                                 f"all {hidden} hidden units of {model_name(model)}: nothing would change")

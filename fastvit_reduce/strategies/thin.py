@@ -35,6 +35,10 @@ def apply_thin(name: str, mlp_ratio: float = 2.0, round_to: int = 1, **timm_kwar
     if hidden == old:
         raise StrategyError(f"thin: mlp_ratio {knobs['mlp_ratio']} (round_to {knobs['round_to']}) gives "
                             f"hidden width {hidden}, which {name} already has: nothing would change")
+    if hidden > old:  # e.g. round_to=1000 on ViT-B at 2.0: 1536 -> 2000; a "reduction" must shrink
+        raise StrategyError(f"thin: mlp_ratio {knobs['mlp_ratio']} (round_to {knobs['round_to']}) gives "
+                            f"hidden width {hidden}, larger than {name}'s own {old}: a reduction must "
+                            "make the MLP smaller")
     # why +0.5: timm truncates int(dim * mlp_ratio); this ratio truncates to exactly `hidden`.
     model = timm_model(name, mlp_ratio=(hidden + 0.5) / dim, **timm_kwargs)
     widths = {b.mlp.fc1.out_features for b in vit_blocks(model)}
