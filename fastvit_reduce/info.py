@@ -32,12 +32,35 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def int_at_least(lo: int):
+    """argparse type: an integer >= ``lo`` (argparse turns the ValueError into a one-line error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {lo}"  # why: argparse names the type in "invalid <name> value"
+    return parse
+
+
+def check_img_size(model, img_size: int) -> None:
+    """Refuse an input size that is not a multiple of the model's patch size (timm would assert
+    in the forward pass with a traceback)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    for p in (patch if isinstance(patch, (tuple, list)) else [patch] if patch else []):
+        if img_size % p:
+            raise UsageError(f"--img-size {img_size} is not a multiple of the patch size {p} "
+                             f"(e.g. {max(p, img_size // p * p)})")
+
+
 def variant_parser(prog: str, description: str, model: str, img_size: int) -> Parser:
     """Parser with the options shared by ``info`` and ``bench strategies``: model, strategy, knobs."""
     p = Parser(prog=prog, description=description.replace("``", ""))
     p.add_argument("--model", default=model, help=f"timm model name (default {model})")
-    p.add_argument("--img-size", type=int, default=img_size, help=f"input size in px (default {img_size})")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
+    p.add_argument("--img-size", type=int_at_least(1), default=img_size,
+                   help=f"input size in px, a multiple of the patch size (default {img_size})")
+    p.add_argument("--num-classes", type=int_at_least(0), default=1000,
+                   help="classifier outputs (default 1000; 0 = no head, as timm)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model argument, e.g. depth=6 (repeatable)")
     p.add_argument("--strategy", choices=CHOICES, help="one strategy (default: all, side by side)")
@@ -93,6 +116,7 @@ def measure(args) -> list[tuple[dict, dict]]:
     for name, knobs in variants(args):
         torch.manual_seed(0)
         model = create_model(args.model, strategy=name, **knobs, **timm_kwargs(args))
+        check_img_size(model, args.img_size)
         row = dict(strategy=name, **mlp_stats(model), gflops=round(gflops(model, args.img_size), 6))
         rows.append((row, knobs))
         del model

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fastvit_reduce.cli import main as cli
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "4", "--model-arg", "patch_size=8",
@@ -59,3 +61,17 @@ def test_bench_strategies_json(capsys):
                for r in rows)
     assert rows[0]["step_ratio"] == rows[0]["flop_ratio"] == 1.0 and rows[3]["flop_ratio"] == 1.0
     assert rows[1]["flop_ratio"] < 1 and all(r["step_ms"] > 0 and r["batch_size"] == 2 for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--img-size", "0"], "error: argument --img-size: must be an integer >= 1, got 0"),
+    (["--img-size", "-3"], "error: argument --img-size: must be an integer >= 1"),
+    (["--img-size", "36"], "error: --img-size 36 is not a multiple of the patch size 8"),
+    (["--num-classes", "-1"], "error: argument --num-classes: must be an integer >= 0, got -1"),
+    (["--img-size", "x"], "error: argument --img-size: invalid integer >= 1 value: 'x'"),
+])
+def test_info_refuses_bad_sizes_with_one_line(capsys, argv, message):
+    """Issue 15: --img-size 0 / 65 crashed with tracebacks and --num-classes -1 was accepted."""
+    assert cli(["info", *TINY_ARGS, "--strategy", "baseline", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
