@@ -183,6 +183,7 @@ def test_write_every_quirk_and_read_back(imagenet, tmp_path, capsys, no_jit):
     assert report["written"] == len(good)
     assert report["written"] + len(report["skipped"]) == report["files_seen"] == len(good) + len(JUNK)
     assert report["ignored_files"] == 4  # .DS_Store, notes.txt, .hidden.JPEG, LOC_synset_mapping.txt
+    assert len(report["ignored_examples"]) == 4 and "n01_alpha/.DS_Store" in report["ignored_examples"]
     assert report["classes"] == CLASSES and report["images_per_s"] > 0
     assert report["settings"]["max_resolution"] == MAX_RES
     assert read_classes(out) == CLASSES and read_classes(tmp_path / "none.beton") is None
@@ -402,3 +403,29 @@ def test_inspect_reports_broken_side_files_instead_of_failing(tiny_beton, capsys
     assert f"PROBLEM: {path}.classes.json: not valid JSON" in shown
     assert f"PROBLEM: {path}.report.json: not valid JSON" in shown
     assert inspect_cmd.main([path, "--bogus"]) == 2 and "usage" in capsys.readouterr().err
+
+
+def test_a_class_whose_every_file_is_unreadable_is_an_error(tmp_path, capsys):
+    """Issue 15: the write used to exit 0 with that class empty (an empty folder is refused up front)."""
+    split = tmp_path / "data" / "train"
+    for c in ("a_good", "b_broken"):
+        (split / c).mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(ramp(32, 24, 0)).save(split / "a_good" / f"{k}.JPEG", quality=90)
+        (split / "b_broken" / f"{k}.JPEG").write_bytes(b"not a jpeg at all")
+    out = tmp_path / "train.beton"
+    assert write.main(write_args(tmp_path / "data", out, "--cfg.num_workers=1")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 1 class(es) lost every image to decode errors: b_broken (e.g. ")
+    assert not out.exists() and list(tmp_path.glob("train.beton*")) == []
+
+
+def test_report_names_the_first_50_ignored_files(tmp_path):
+    split = tmp_path / "data" / "train" / "a"
+    split.mkdir(parents=True)
+    Image.fromarray(ramp(32, 24, 0)).save(split / "x.JPEG", quality=90)
+    for k in range(60):
+        (split / f"notes{k:02d}.txt").write_text("x")
+    data = write.scan_split(tmp_path / "data", "train")
+    assert data.ignored == 60
+    assert data.ignored_examples == [f"a/notes{k:02d}.txt" for k in range(50)]

@@ -39,7 +39,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -93,9 +93,13 @@ class Split:
                             # by forked workers; 1.28 M Python strings would be copied page by page)
     labels: np.ndarray      # (N,) int64
     ignored: int            # hidden and non-image files skipped while scanning
+    ignored_examples: list[str] = field(default_factory=list)  # the first IGNORED_SHOWN, relative to root
 
     def path(self, i: int) -> str:
         return str(self.root / os.fsdecode(self.files[i]))
+
+
+IGNORED_SHOWN = 50  # ignored files named in the report (the count covers all)
 
 
 def _unlistable(e: OSError) -> None:
@@ -126,27 +130,37 @@ def scan_split(data_dir: str | Path, split: str, subset: int = -1) -> Split:
     if dangling:  # why: most likely a class folder on an unmounted disk; skipping it shifts every label
         raise InputError(f"broken symlink(s) in {root}: {', '.join(dangling[:10])}")
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    ignored = sum(1 for e in entries if not e.is_dir())
+    ignored_files = [e.name for e in entries if not e.is_dir()]
     if not classes:
         loose = sum(1 for e in entries if e.name.lower().endswith(IMG_EXTENSIONS))
         detail = (f"; it holds {loose} images directly: sort them into class folders first "
                   "(ImageNet's val needs e.g. valprep.sh)" if loose else "")
         raise InputError(f"no class folders in {root}{detail}")
 
-    files, labels, empty = [], [], []
+    files, labels, empty, ignored = [], [], [], len(ignored_files)
+    examples = ignored_files[:IGNORED_SHOWN]
+
+    def ignore(dirpath: str, names: list[str]) -> None:
+        nonlocal ignored
+        ignored += len(names)
+        room = IGNORED_SHOWN - len(examples)
+        examples.extend(os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(names)[:max(0, room)])
+
     for label, name in enumerate(classes):
         found = []
         # why sorted(os.walk(...)): the same file order as torchvision's make_dataset; the walk is
         # complete before the loop starts, so hidden sub-folders are dropped here, not pruned
         for dirpath, _, fnames in sorted(os.walk(root / name, onerror=_unlistable, followlinks=True)):
             if any(part.startswith(".") for part in Path(dirpath).relative_to(root / name).parts):
-                ignored += len(fnames)
+                ignore(dirpath, fnames)
                 continue
+            skipped = []
             for f in sorted(fnames):
                 if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
                     found.append(os.fsencode(os.path.relpath(os.path.join(dirpath, f), root)))
                 else:
-                    ignored += 1
+                    skipped.append(f)
+            ignore(dirpath, skipped)
         if subset > 0:
             found = found[:subset]
         if not found:
@@ -156,7 +170,7 @@ def scan_split(data_dir: str | Path, split: str, subset: int = -1) -> Split:
     if empty:
         raise InputError(f"{len(empty)} class folder(s) in {root} hold no image files: "
                          f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
-    return Split(root, classes, np.array(files), np.array(labels, dtype=np.int64), ignored)
+    return Split(root, classes, np.array(files), np.array(labels, dtype=np.int64), ignored, examples)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -474,7 +488,7 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
     _remove_stale_partials(target)
     num_workers = num_workers or len(os.sched_getaffinity(0))
     print(f"{split}: {len(data.files)} images in {len(data.classes)} classes under {data.root} "
-          f"({data.ignored} other files ignored); {shutil.disk_usage(target.parent).free / 1e9:.1f} GB "
+          f"({data.ignored} other files ignored{_examples(data)}); {shutil.disk_usage(target.parent).free / 1e9:.1f} GB "
           f"free at {target.parent}; {num_workers} workers", file=sys.stderr)
 
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
@@ -492,11 +506,13 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
         if written == 0:
             raise WriteError(f"none of the {len(source)} images in {data.root} could be decoded "
                              f"(first error: {data.path(failures[0][0])}: {failures[0][1]})")
+        _refuse_lost_classes(data, failures)
         report = {
             "output": str(target), "split": split, "source": str(data.root),
             "written": written,
             "skipped": [{"path": data.path(i), "error": err} for i, err in failures],
             "files_seen": len(source), "ignored_files": data.ignored,
+            "ignored_examples": data.ignored_examples,
             "classes": data.classes, "num_classes": len(data.classes),
             "seconds": round(seconds, 3), "images_per_s": round(len(source) / seconds, 1),
             "bytes": partial.stat().st_size,
@@ -522,6 +538,34 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
     finally:
         partial.unlink(missing_ok=True)
     return report
+
+
+def _examples(data: Split, shown: int = 5) -> str:
+    """``': a.txt, b/.DS_Store, ...'`` for the console (the report lists up to IGNORED_SHOWN)."""
+    if not data.ignored_examples:
+        return ""
+    more = ", ..." if data.ignored > shown else ""
+    return ": " + ", ".join(data.ignored_examples[:shown]) + more
+
+
+def _refuse_lost_classes(data: Split, failures: list[tuple[int, str]]) -> None:
+    """Raise ``WriteError`` when every file of some class failed to decode.
+
+    why an error, not a note in the report: an empty class folder is already refused before any
+    work; a class whose files are all unreadable is the same broken input found later, and a
+    .beton without it would train a head whose class never appears (and the val split's counts
+    would no longer match) while the write exits 0.
+    """
+    kept = np.ones(len(data.labels), dtype=bool)
+    kept[[i for i, _ in failures]] = False
+    counts = np.bincount(data.labels[kept], minlength=len(data.classes))
+    lost = np.flatnonzero(counts == 0)
+    if len(lost):
+        first = next(i for i, _ in failures if data.labels[i] == lost[0])
+        err = dict(failures)[first]
+        names = ", ".join(data.classes[c] for c in lost[:10]) + (" ..." if len(lost) > 10 else "")
+        raise WriteError(f"{len(lost)} class(es) lost every image to decode errors: {names} "
+                         f"(e.g. {data.path(first)}: {err}); nothing written")
 
 
 def _versions() -> dict[str, str]:
