@@ -1,13 +1,17 @@
-"""FFCV train/val loaders: batch format, labels and pixels as written, epoch controls, errors.
+"""FFCV train/val loaders: batch format, labels and pixels as written, epoch controls,
+deterministic crops and flips, a dead decode thread as an error, errors.
 
-One train and one val loader run with ffcv's numba JIT (shared by the module, ~10 s of compile);
-the other loaders run ffcv's ops as plain Python (``no_jit``), instant on 16-48 px images.
+Two train loaders and one val loader run with ffcv's numba JIT (~10 s of compile in all); the
+other loaders run ffcv's ops as plain Python (``no_jit``), instant on 16-48 px images.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import types
+import os
 import shutil
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -15,7 +19,8 @@ import torch
 from conftest import make_images, write_beton
 
 from fastvit_reduce.config import ConfigError, load_config, resolved
-from fastvit_reduce.data.loaders import (RandomFlipInPlace, check_beton, check_datasets,
+from fastvit_reduce.data import loaders
+from fastvit_reduce.data.loaders import (LoaderError, check_beton, check_datasets,
                                          create_train_loader, create_val_loader, get_resolution,
                                          set_epoch, set_train_resolution)
 
@@ -43,6 +48,26 @@ def val_loader(path, batch_size=16, **overrides):
 
 def epoch_labels(loader) -> list[int]:
     return [i for _, y in loader for i in y.tolist()]  # tolist: ffcv reuses batch buffers
+
+
+def epoch_digest(loader, epoch: int) -> str:
+    """SHA-256 of every image and label of ``epoch``, in loader order."""
+    set_epoch(loader, epoch)
+    digest = hashlib.sha256()
+    for images, labels in loader:
+        digest.update(images.numpy().tobytes())
+        digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_by_label(loader, epoch: int) -> dict[int, list[bytes]]:
+    """Each label's images of ``epoch`` (label == sample index here), in order of appearance."""
+    set_epoch(loader, epoch)
+    out: dict[int, list[bytes]] = {}
+    for images, labels in loader:
+        for image, label in zip(images, labels.tolist()):
+            out.setdefault(label, []).append(image.numpy().tobytes())
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +143,121 @@ def test_repeat_aug_and_quasi_random_train_orders(beton, no_jit):
     assert sorted(epoch_labels(quasi)) == list(range(N))
 
 
-def test_flip_in_place_mirrors_about_half(no_jit):
-    rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, size=(64, 5, 7, 3), dtype=np.uint8)  # odd width: middle stays
-    np.random.seed(0)
-    out = RandomFlipInPlace().generate_code()(batch.copy(), None)
-    mirrored = [np.array_equal(o, b[:, ::-1]) for o, b in zip(out, batch)]
-    unchanged = [np.array_equal(o, b) for o, b in zip(out, batch)]
-    assert all(m or u for m, u in zip(mirrored, unchanged))
-    assert 16 < sum(mirrored) < 48
+def test_flip_is_folded_into_the_decoder(beton, no_jit):
+    # scale 1, ratio 1 on square images at their own size: the crop is the whole image, so each
+    # output is the written image or its mirror
+    written = {label: img for label, (img, _) in enumerate(make_images(N, N, SIZE))}
+    kw = dict(res=SIZE, rrc_scale=[1, 1], rrc_ratio=[1, 1], drop_last=False)
+    mirrored = 0
+    for images, labels in train_loader(beton, **kw):
+        for image, label in zip(images.permute(0, 2, 3, 1).numpy(), labels.tolist()):
+            assert np.array_equal(image, written[label]) or np.array_equal(image, written[label][:, ::-1])
+            mirrored += not np.array_equal(image, written[label])
+    assert 8 <= mirrored <= 32  # about half of 40
+    for images, labels in train_loader(beton, hflip=0, **kw):
+        for image, label in zip(images.permute(0, 2, 3, 1).numpy(), labels.tolist()):
+            assert np.array_equal(image, written[label])
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_jit_crops_repeat_per_epoch_and_ignore_workers_and_prefetch(beton, jit_train):
+    """Compiled pipeline: (seed, epoch) fixes every pixel; workers and batches_ahead do not."""
+    first = epoch_digest(jit_train, 0)  # num_workers=2, batches_ahead=2
+    assert epoch_digest(jit_train, 1) != first
+    assert epoch_digest(jit_train, 0) == first
+    other = train_loader(beton, num_workers=1, batches_ahead=3)
+    assert epoch_digest(other, 0) == first
+
+
+def test_crops_depend_on_epoch_and_sample_not_on_batching(beton, no_jit):
+    reference = images_by_label(train_loader(beton, num_workers=1, batches_ahead=1), 0)
+    for kw in (dict(num_workers=2, batches_ahead=3), dict(batch_size=5)):
+        assert images_by_label(train_loader(beton, **kw), 0) == reference
+    next_epoch = images_by_label(train_loader(beton), 1)
+    assert sum(next_epoch[k] != reference[k] for k in reference) >= N - 2  # new crops, not only a new order
+    reseeded = images_by_label(train_loader(beton, seed=1), 0)
+    assert sum(reseeded[k] != reference[k] for k in reference) >= N - 2
+
+
+def test_resumed_epoch_equals_a_fresh_loader_at_that_epoch(beton, no_jit):
+    running = train_loader(beton)
+    for epoch in range(3):
+        digest = epoch_digest(running, epoch)
+    assert epoch_digest(train_loader(beton), 2) == digest
+    epoch_labels(running)  # the next epoch (3) runs without set_epoch
+    assert epoch_digest(train_loader(beton), 3) != digest
+
+
+def test_repeated_copies_get_their_own_crops(beton, no_jit):
+    by_label = images_by_label(train_loader(beton, batch_size=8, aug_repeats=4, drop_last=False), 0)
+    copies = [images for images in by_label.values()]
+    assert {len(c) for c in copies} == {4}
+    assert all(len(set(c)) == 4 for c in copies)  # 4 copies, 4 different crops/flips
+
+
+def test_epochs_leave_torchs_thread_count_alone(beton, no_jit):
+    loader = train_loader(beton, num_workers=2)  # ffcv's __init__ sets torch's count once
+    torch.set_num_threads(1)
+    epoch_labels(loader)
+    assert torch.get_num_threads() == 1
 
 
 # ----------------------------------------------------------------------------- errors
+def run_with_timeout(fn, timeout_s: float = 60.0):
+    """``fn()``'s exception (or None) from a daemon thread; a hang fails instead of blocking pytest."""
+    outcome = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 — handed to the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"still waiting after {timeout_s} s: the loader hangs"
+    return outcome.get("error")
+
+
+def test_truncated_beton_raises_loader_error(beton, tmp_path, no_jit):
+    cut = tmp_path / "cut.beton"
+    shutil.copy(beton, cut)
+    os.truncate(cut, os.path.getsize(cut) - 100)  # raw mode: the last 100 bytes of the file
+    loader = train_loader(str(cut))
+    error = run_with_timeout(lambda: epoch_labels(loader))
+    assert isinstance(error, LoaderError), error
+    assert str(cut) in str(error) and "decode thread failed" in str(error)
+    assert not loader.epoch_iterator or not loader.epoch_iterator.is_alive()
+
+
+def test_poll_hook_stops_a_wait_and_ends_the_thread(beton, no_jit, monkeypatch):
+    """A stalled decode (simulated) is interrupted by whatever ``loader.poll`` raises."""
+    class Stop(Exception):
+        pass
+
+    release, polls = threading.Event(), []
+    run_pipeline = loaders._WatchedEpochIterator.run_pipeline
+
+    def stalled(self, *args):
+        release.wait(30)  # stands in for a decode that does not finish on its own
+        return run_pipeline(self, *args)
+
+    def poll():
+        polls.append(1)
+        release.set()  # so the thread can finish its batch and see the stop
+        raise Stop
+
+    monkeypatch.setattr(loaders._WatchedEpochIterator, "run_pipeline", stalled)
+    loader = train_loader(beton)
+    loader.poll = poll
+    iterator = iter(loader)
+    error = run_with_timeout(lambda: next(iterator))
+    assert isinstance(error, Stop) and polls == [1]
+    assert not iterator.is_alive()  # close() ended the epoch's thread
+    loader.close()
+
+
 def test_bad_dataset_paths(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         check_beton(tmp_path / "missing.beton")
