@@ -94,3 +94,32 @@ def test_summary_ratios():
     ours, timm, ratio = summarise(rows)
     assert ours["wall_s"] == 11.0 and ours["runs"] == 2 and timm["data_wait_frac"] is None
     assert ratio["path"] == "ours/timm" and ratio["wall_s"] == 11.0 / 20.0 and ratio["data_wait_frac"] is None
+
+
+def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
+    """The whole command on the tiny folder: .beton write, one child run per path, JSON summary."""
+    import json
+
+    from fastvit_reduce.bench.e2e import main
+    rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
+               "--beton-dir", str(tmp_path / "betons"), "--config", "rn_configs/sample/base.yaml", "--quick",
+               "--max-res", "64", "--write-workers", "1", "--json",
+               "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
+               "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, [r["log"] for r in out["runs"]]
+    assert out["beton_write_s"] > 0 and out["epochs"] == 1
+    assert [r["path"] for r in out["runs"]] == ["ours", "timm"]
+    summary = {r["path"]: r for r in out["summary"]}
+    assert set(summary) == {"ours", "timm", "ours/timm"}
+    for path in ("ours", "timm"):
+        row = summary[path]
+        assert 0 <= row["top_1"] <= 100 and row["wall_s"] > 0 and row["cpu_s"] > 0, row
+        assert row["steady_img_s"] > 0 and row["startup_s"] is not None, row
+
+
+def test_bad_folder_is_one_line(tmp_path, capsys):
+    from fastvit_reduce.bench.e2e import main
+    rc = main(["--train-dir", str(tmp_path / "nope"), "--val-dir", str(tmp_path), "--beton-dir", str(tmp_path),
+               "--config", "rn_configs/sample/base.yaml"])
+    assert rc == 2 and capsys.readouterr().err.strip() == f"error: --train-dir {tmp_path / 'nope'} is not a folder"

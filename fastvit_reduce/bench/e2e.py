@@ -19,8 +19,8 @@ Paths (the rest of the loop is the trainer's own code, for both):
 
 The ``.beton`` files are written once first (their cost is its own line). Then the runs go
 interleaved (ours, timm, ours, timm, ...) as separate processes, so start-up is real, and the
-table shows per path (median over repeats): wall s, start-up s (process start to the first
-training batch), steady img/s (epochs >= 1; epoch 0 when there is only one), CPU-seconds
+table shows per path (median over repeats): wall s, start-up s (the trainer's ``startup_s``:
+process start to ready to train), steady img/s (epochs >= 1; epoch 0 when there is only one), CPU-seconds
 (``rusage`` of the child), data-wait fraction, final top-1, and ours/timm ratios.
 
 The seed's augmentation recipe (RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0,
@@ -42,7 +42,6 @@ from pathlib import Path
 SEED_RECIPE = {"augment.randaugment": "rand-m9-mstd0.5-inc1", "augment.mixup": 0.8, "augment.cutmix": 1.0,
                "augment.reprob": 0.25}
 PATHS = ("ours", "timm")
-STARTUP_FILE = "e2e_startup.json"  # written by the child into its run folder
 COLUMNS = [("path", "path"), ("wall_s", "wall s"), ("startup_s", "start-up s"), ("steady_img_s", "steady img/s"),
            ("cpu_s", "CPU s"), ("data_wait_frac", "data wait"), ("top_1", "top-1 %")]
 
@@ -165,11 +164,18 @@ class TimmSource:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def epoch(self, epoch: int):
-        """One epoch of ``(x, target)`` batches (train.py: ``sampler.set_epoch`` when distributed)."""
+    @property
+    def has_val(self) -> bool:
+        return self.val_loader is not None
+
+    def epoch(self, epoch: int, skip: int = 0):
+        """The batches ``skip``.. of ``epoch`` (train.py: ``sampler.set_epoch`` when distributed;
+        skipped batches are still loaded, as timm has no way to jump ahead)."""
         if self.distributed and hasattr(self.loader.sampler, "set_epoch"):
             self.loader.sampler.set_epoch(epoch)
-        for x, target in self.loader:
+        for i, (x, target) in enumerate(self.loader):
+            if i < skip:
+                continue
             if not self.prefetcher:
                 x, target = x.to(self.device), target.to(self.device)
                 if self.mixup_fn is not None:
@@ -182,55 +188,21 @@ class TimmSource:
 
 
 # ----------------------------------------------------------------------------- one child run
-def child_main(path: str, train_argv: list[str], train_dir: str, val_dir: str, t0: float) -> int:
-    """Inside the child process: ``trainer.main(train_argv)`` with ``path``'s data source, and the
-    time from process start (``t0``, the parent's clock at launch) to the first train batch
-    written to ``<run folder>/e2e_startup.json``."""
+def child_main(path: str, train_argv: list[str], train_dir: str, val_dir: str) -> int:
+    """Inside the child process: ``trainer.main(train_argv)`` with ``path``'s data source."""
     import functools
 
     from fastvit_reduce import trainer
 
-    if path == "timm":
-        factory = functools.partial(TimmSource, train_dir=train_dir, val_dir=val_dir)
-    else:
-        factory = trainer.ffcv_source  # the trainer's default source, named so it can be timed
-
-    def timed_factory(cfg, device, mean, std):
-        source = factory(cfg, device, mean, std)
-        folder = Path(cfg["logging.folder"]) / cfg["logging.experiment"]
-        return FirstBatchClock(source, folder / STARTUP_FILE, t0)
-
-    return trainer.main(train_argv, source_factory=timed_factory)
-
-
-class FirstBatchClock:
-    """A ``TrainSource`` wrapper that records when the first training batch arrives."""
-
-    def __init__(self, source, out: Path, t0: float):
-        self.source, self.out, self.t0, self.done = source, out, t0, False
-        self.soft_targets = source.soft_targets
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def epoch(self, epoch: int):
-        for batch in self.source.epoch(epoch):
-            if not self.done:
-                self.done = True
-                self.out.write_text(json.dumps({"startup_s": time.time() - self.t0}) + "\n")
-            yield batch
-
-    def val(self):
-        return self.source.val()
+    factory = functools.partial(TimmSource, train_dir=train_dir, val_dir=val_dir) if path == "timm" else None
+    return trainer.main(train_argv, source_factory=factory)
 
 
 def run_child(path: str, train_argv: list[str], args, run_dir: Path) -> dict:
     """Run one path as a child process; return its row (None for what it did not report)."""
     cmd = [sys.executable, "-m", "fastvit_reduce.bench.e2e", "--child", path, "--train-dir", args.train_dir,
-           "--val-dir", args.val_dir, "--t0", "{t0}", "--", *train_argv]
-    t0 = time.time()
+           "--val-dir", args.val_dir, "--", *train_argv]
     start = time.perf_counter()
-    cmd[cmd.index("{t0}")] = repr(t0)
     log = open(run_dir.parent / f"{run_dir.name}.out", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child (and what it waited for)
@@ -239,15 +211,13 @@ def run_child(path: str, train_argv: list[str], args, run_dir: Path) -> dict:
     log.close()
     row = dict(path=path, rc=proc.returncode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
                startup_s=None, steady_img_s=None, data_wait_frac=None, top_1=None, log=log.name)
-    startup = run_dir / STARTUP_FILE
-    if startup.is_file():
-        row["startup_s"] = json.loads(startup.read_text())["startup_s"]
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
         if (run_dir / "log.jsonl").is_file() else []
     steady = [r["train_img_s"] for r in rows if r.get("epoch", 0) >= 1 and r.get("train_img_s")] or \
              [r["train_img_s"] for r in rows if r.get("train_img_s")]
     row["steady_img_s"] = statistics.mean(steady) if steady else None
     final = json.loads((run_dir / "final.json").read_text()) if (run_dir / "final.json").is_file() else {}
+    row["startup_s"] = final.get("startup_s")  # the trainer's: process start -> ready to train
     row["data_wait_frac"] = final.get("data_wait_frac")
     row["top_1"] = final.get("final_top_1")
     return row
@@ -348,10 +318,9 @@ def parse(argv: list[str]):
 def main(argv: list[str]) -> int:
     """``bench e2e`` (or, with ``--child``, one run inside a child process); returns the exit code."""
     if argv[:1] == ["--child"]:
-        sep = argv.index("--")  # --child PATH --train-dir D --val-dir D --t0 T -- TRAINER ARGS
+        sep = argv.index("--")  # --child PATH --train-dir D --val-dir D -- TRAINER ARGS
         opts = dict(zip(argv[0:sep:2], argv[1:sep:2]))
-        return child_main(opts["--child"], argv[sep + 1:], opts["--train-dir"], opts["--val-dir"],
-                          float(opts["--t0"]))
+        return child_main(opts["--child"], argv[sep + 1:], opts["--train-dir"], opts["--val-dir"])
     try:
         args = parse(argv)
         betons, beton_s = write_betons(args)
