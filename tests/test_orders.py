@@ -1,5 +1,5 @@
-"""Traversal orders: repeated augmentation (timm RepeatAugSampler semantics), padding-free val
-shards, install_order on a real ffcv Loader, and one real 2-process gloo run."""
+"""Traversal orders: repeated augmentation (timm RepeatAugSampler semantics) and its copy numbers,
+padding-free val shards, install_order on a real ffcv Loader, and one real 2-process gloo run."""
 from __future__ import annotations
 
 import collections
@@ -12,7 +12,8 @@ import torch
 from ffcv.loader import Loader, OrderOption
 
 from fastvit_reduce.data import orders
-from fastvit_reduce.data.orders import RepeatAugOrder, ShardedSequentialOrder, install_order
+from fastvit_reduce.data.orders import (RepeatAugOrder, ShardedSequentialOrder, install_order,
+                                        sample_copies)
 
 
 def fake_loader(n: int, seed: int = 0, offset: int = 0):
@@ -80,6 +81,30 @@ def test_repeat_aug_matches_timm_sampler(monkeypatch, n, world, repeats):
         ours = RepeatAugOrder(fake_loader(n), repeats, rank=rank, world_size=world).sample_order(0)
         timm = RepeatAugSampler(range(n), num_replicas=world, rank=rank, shuffle=False, num_repeats=repeats)
         assert ours.tolist() == list(timm)
+
+
+@pytest.mark.parametrize("n,world,repeats", [(50, 1, 3), (50, 2, 3), (37, 3, 3), (60, 3, 3), (10, 2, 1)])
+def test_repeat_aug_copy_numbers_tell_copies_apart(n, world, repeats):
+    """(index, copy) is unique across all ranks' epoch, so every copy can get its own crop."""
+    loader = fake_loader(n, seed=4)
+    pairs = []
+    for rank in range(world):
+        order = RepeatAugOrder(loader, repeats, rank=rank, world_size=world)
+        indices, copies = order.sample_order(2), order.sample_copies(2)
+        assert len(copies) == len(indices) and set(copies.tolist()) <= set(range(repeats))
+        assert np.array_equal(sample_copies(order, 2, len(indices)), copies)
+        pairs += list(zip(indices.tolist(), copies.tolist()))
+    assert len(set(pairs)) == len(pairs)
+    for index in {i for i, _ in pairs}:  # an image's copies are numbered 0, 1, ... in order
+        numbers = sorted(c for i, c in pairs if i == index)
+        assert numbers == list(range(len(numbers)))
+
+
+def test_sample_copies_of_plain_orders_are_zero():
+    order = ShardedSequentialOrder(fake_loader(9), rank=0, world_size=2)
+    assert sample_copies(order, 0, 5).tolist() == [0] * 5
+    with pytest.raises(RuntimeError, match="copy numbers"):
+        sample_copies(RepeatAugOrder(fake_loader(9), 3), 0, 4)
 
 
 @pytest.mark.parametrize("n,world", [(50, 2), (7, 3), (2, 4), (64, 1)])
