@@ -151,7 +151,8 @@ def test_flip_is_folded_into_the_decoder(beton, no_jit):
     mirrored = 0
     for images, labels in train_loader(beton, **kw):
         for image, label in zip(images.permute(0, 2, 3, 1).numpy(), labels.tolist()):
-            assert np.array_equal(image, written[label]) or np.array_equal(image, written[label][:, ::-1])
+            mirror = written[label][:, ::-1]
+            assert np.array_equal(image, written[label]) or np.array_equal(image, mirror)
             mirrored += not np.array_equal(image, written[label])
     assert 8 <= mirrored <= 32  # about half of 40
     for images, labels in train_loader(beton, hflip=0, **kw):
@@ -174,7 +175,8 @@ def test_crops_depend_on_epoch_and_sample_not_on_batching(beton, no_jit):
     for kw in (dict(num_workers=2, batches_ahead=3), dict(batch_size=5)):
         assert images_by_label(train_loader(beton, **kw), 0) == reference
     next_epoch = images_by_label(train_loader(beton), 1)
-    assert sum(next_epoch[k] != reference[k] for k in reference) >= N - 2  # new crops, not only a new order
+    # new crops, not only a new order
+    assert sum(next_epoch[k] != reference[k] for k in reference) >= N - 2
     reseeded = images_by_label(train_loader(beton, seed=1), 0)
     assert sum(reseeded[k] != reference[k] for k in reference) >= N - 2
 
@@ -189,8 +191,8 @@ def test_resumed_epoch_equals_a_fresh_loader_at_that_epoch(beton, no_jit):
 
 
 def test_repeated_copies_get_their_own_crops(beton, no_jit):
-    by_label = images_by_label(train_loader(beton, batch_size=8, aug_repeats=4, drop_last=False), 0)
-    copies = [images for images in by_label.values()]
+    loader = train_loader(beton, batch_size=8, aug_repeats=4, drop_last=False)
+    copies = list(images_by_label(loader, 0).values())
     assert {len(c) for c in copies} == {4}
     assert all(len(set(c)) == 4 for c in copies)  # 4 copies, 4 different crops/flips
 
@@ -204,7 +206,7 @@ def test_epochs_leave_torchs_thread_count_alone(beton, no_jit):
 
 # ----------------------------------------------------------------------------- errors
 def run_with_timeout(fn, timeout_s: float = 60.0):
-    """``fn()``'s exception (or None) from a daemon thread; a hang fails instead of blocking pytest."""
+    """``fn()``'s exception (or None), run in a daemon thread: a hang fails, not blocks, pytest."""
     outcome = {}
 
     def target():

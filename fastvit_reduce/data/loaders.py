@@ -1,7 +1,8 @@
 """FFCV train/val loaders: uint8 batches decoded by ffcv, moved to the device, normalised later.
 
-Train: ``SeededRandomResizedCropDecoder`` (crop + resize + flip) → ``ToTensor`` → ``ToDevice`` →
-``ToTorchImage(channels_last)``; labels ``IntDecoder`` → ``ToTensor`` → ``Squeeze`` → ``ToDevice``.
+Train: ``SeededRandomResizedCropDecoder`` (crop + resize + flip) → ``ToTensor`` → ``ToDevice``
+→ ``ToTorchImage(channels_last)``; labels ``IntDecoder`` → ``ToTensor`` → ``Squeeze`` →
+``ToDevice``.
 For the CPU device ``ToDevice`` is left out (it would only copy).
 Images stay uint8 until they are on the device; normalisation and the AMP cast happen in torch
 (``fastvit_reduce.augment.batch.normalize``). Why no ffcv ``NormalizeImage``: a numba op after a
@@ -179,7 +180,8 @@ def timm_center_crop(height, width, out_size, crop_pct):
 
 def _image_reader(mem_read):
     """Compiled ``read(field, storage_state, temp) -> (H, W, 3) uint8`` view of one stored image:
-    JPEGs are decoded into ``temp`` (libjpeg-turbo, as ffcv does), raw images are viewed in place."""
+    JPEGs are decoded into ``temp`` (libjpeg-turbo, as ffcv does); raw images are viewed in
+    place."""
     imdecode_c = Compiler.compile(imdecode)
     jpg = IMAGE_MODES["jpg"]
 
@@ -196,8 +198,8 @@ def _image_reader(mem_read):
 
 
 class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
-    """ffcv's random-resized crop (timm's RandomResizedCrop: 10 tries, then a centre fallback) and a
-    horizontal flip, both drawn from ``np.random.seed(sample seed)`` right before the sample's draws.
+    """ffcv's random-resized crop (timm's RandomResizedCrop: 10 tries, then a centre fallback) and
+    a horizontal flip, both drawn after ``np.random.seed(sample seed)``, right before the draws.
 
     Why not ffcv's ``RandomResizedCropRGBImageDecoder``: it draws from numba's unseeded per-thread
     RNG, so two runs crop differently. ffcv compiles the pipeline once and numba freezes closure
@@ -307,8 +309,10 @@ class FfcvLoader(Loader):
         super().__init__(*args, **kwargs)
         self.poll: Callable[[], None] | None = None
         self.epoch_iterator: _WatchedEpochIterator | None = None
-        self.seeded_node_ids = [node.id for node in self.graph.nodes if isinstance(node, DecoderNode)
-                                and isinstance(node.decoder, SeededRandomResizedCropDecoder)]
+        self.seeded_node_ids = [  # graph nodes whose decoder reads a seed buffer
+            node.id for node in self.graph.nodes
+            if isinstance(node, DecoderNode)
+            and isinstance(node.decoder, SeededRandomResizedCropDecoder)]
 
     def __iter__(self):
         self.close()
