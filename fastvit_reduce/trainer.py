@@ -1,60 +1,67 @@
-"""The training loop: one process per GPU, configured by fastargs YAML files.
+"""The training loop: one process per GPU; one or several paired variants on the same batches.
 
     python train.py --config rn_configs/thin.yaml                      # 1 process (1 GPU, or CPU)
     torchrun --standalone --nproc-per-node=2 train.py --config rn_configs/thin.yaml
+    python train.py --config rn_configs/thin.yaml --dry-run [--world-size 8]   # the plan, no training
+    # paired: K variants step in turn on each batch, decoded and augmented once
+    torchrun --standalone --nproc-per-node=8 train.py --config rn_configs/baseline.yaml \\
+        --pair-with rn_configs/thin.yaml rn_configs/shallow.yaml rn_configs/grouped.yaml
     # two nodes x 2 GPUs: run this on each node (MASTER = node 0's address, any free port):
     torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=$MASTER:29500 \\
         --rdzv-id=thin_vit_b16 train.py --config rn_configs/thin.yaml --logging.folder=/shared/runs
 
-Overrides: ``--section.key=value`` (``--training.epochs=100``); later ``--config`` files override
-earlier ones and a YAML may say ``base: other.yaml``. Unknown keys, flags not written 0/1 and
-out-of-range values stop the run before any work (exit 2, the key named).
+Overrides: ``--section.key=value`` (``--training.epochs=100``) apply to every variant; later
+``--config`` files override earlier ones and a YAML may say ``base: other.yaml``. Unknown keys, flags
+not written 0/1 and out-of-range values stop the run before any work (exit 2, the key named).
 
-Run folder ``<logging.folder>/<logging.experiment>/`` (experiment '' = the strategy's name):
-``params.json`` (resolved config, versions, git revision, command line, world size),
-``log.jsonl`` + ``summary.csv`` (one row per epoch), ``final.json`` (rewritten after every epoch;
-``completed`` is true once all epochs are done), ``train.log``, ``last.pt``, ``best.pt``.
+**The global batch is the recipe.** ``training.global_batch`` (1024 for the seed) is kept at any
+process count: gradient accumulation = global / (processes x ``training.batch_size``); a count that
+does not divide is refused, naming the per-GPU sizes that would. The peak lr is ``optim.lr``
+(``lr.scale`` = linear or sqrt rescales it from ``lr.base_batch``).
 
-Never losing work:
-* ``last.pt`` (full state: model, EMA, optimizer, GradScaler, epoch / step / update counters,
-  every rank's RNG states, config) is written atomically at each epoch end, every
-  ``checkpoint.every_minutes`` at an update boundary, and on SIGTERM/SIGUSR1 (the ranks agree
-  on stopping after the current update; exit code 124). ``best.pt`` (weights only) on a new
-  best top-1. Multi-node: ``logging.folder`` must be on a filesystem every node sees.
-* Re-running the same command resumes from ``last.pt``: the same batch order (``set_epoch``)
-  with the batches already trained skipped, the LR schedule continuing, no epoch logged twice.
-  A finished run re-run is a no-op (exit 0). The config must equal the checkpoint's except for
-  ``HARMLESS`` keys (logging, checkpointing, loader tuning, dataset paths — a node may copy the
-  data to its local disk —, eval frequency, compile); ``training.epochs`` is *not* harmless
-  (the cosine schedule depends on it) and neither is the number of processes.
-* Signals under torchrun: the launcher forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers
-  (SIGUSR1 too if ``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it) and SIGKILLs them ~30 s later,
-  so saving ``last.pt`` must fit in that grace period; torchrun's own exit code is then not 124.
-* Same order is not same pixels: ffcv 1.0.2 does not seed its random crops per batch, so a
-  resumed run trains on the same images in the same batches, but not bit-identically.
-* ``training.max_nonfinite`` consecutive updates with a non-finite loss (on any rank) stop the
-  run (exit 1); such updates are skipped, so the last checkpoint holds good weights.
-  fp16 steps skipped by the GradScaler (finite loss, overflowing gradients) are normal.
+**Paired variants** (``--pair-with``) may differ only in what a variant owns (``PER_VARIANT``:
+model widths, reduction, EMA, optimizer, lr schedule, experiment name); everything that shapes the
+batches must agree. Each variant has its own model, optimizer, scaler, EMA, DDP wrapper and run
+folder (``fastvit_reduce.runs``), and a variant whose loss stays non-finite stops alone.
 
-``data_wait_frac`` = (host time blocked in ``next(loader)``) / (host time per step). On CUDA every
-step ends with ``torch.cuda.synchronize()``, so the device is idle while the host waits for the
-next batch: the wait is time the GPU lost to data loading, not overlap.
+**Reproducible.** Every random draw is a pure function of integer keys (``fastvit_reduce.seeding``):
+crop and flip of (seed, epoch, sample), augmentation of (seed, epoch, step, rank), drop-path of
+(seed, epoch, step, rank), init of (seed). On CPU the same command gives bit-identical weights,
+whatever ``data.num_workers``/``data.batches_ahead``, and a run stopped anywhere (kill -9 included)
+and resumed ends with the same weights as one never stopped. On CUDA the data stream is identical;
+kernels are bit-exact only with ``training.deterministic=1``.
+
+Never losing work: ``last.pt`` (full state and the log rows) is written atomically at each epoch
+end, every ``checkpoint.every_minutes`` at an update boundary, and on SIGTERM/SIGUSR1 (exit 124).
+Re-running the same command resumes; a finished run re-run is a no-op (exit 0); a changed config
+is refused, naming the keys (``runs.config_changes``). Under torchrun the launcher forwards
+SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers and SIGKILLs them ~30 s later. The run folder is
+locked: a second trainer on it exits 2 naming the holder.
+
+Host synchronisation: losses, finiteness and counters stay on the device; the host reads them
+and the ranks agree on stop signals and periodic saves every ``logging.every_steps`` updates and
+at epoch ends. ``data_wait_frac`` = host time blocked waiting for the next batch / epoch wall time.
+
+Exit codes: 0 done, 1 crash / every variant non-finite / unwritable checkpoint / dead loader,
+2 configuration or user error, 124 stopped by a signal with ``last.pt`` written.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
 import os
 import platform
+import queue
 import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import timm
@@ -69,29 +76,38 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .augment.batch import augment_from_config, normalize
-from .config import (Bool01, Choice, ConfigError, FloatList, Number, declared_keys, dump_json,
-                     load_config, resolved)
+from .augment.batch import augment_from_cfg, normalize
+from .config import Bool01, Choice, ConfigError, FloatList, Number, declared_keys, load_config, resolved
 from .data.loaders import (check_beton, check_datasets, create_train_loader, create_val_loader,
                            get_resolution, read_classes, set_epoch, set_train_resolution)
+from .data.inspect import label_range, verify_beton
+from .data.orders import RepeatAugOrder
 from .ema import ModelEma
-from .models import gflops, mlp_stats, model_from_config
-from .strategies import StrategyError
+from .models import gflops, mlp_stats, model_from_cfg
+from .runs import (FINAL_KEYS, LOG_KEYS, RunFolder, RunFolderError, check_experiment_name,
+                   config_changes, position, resume_position, tensor_hash, weights_hash)
+from .seeding import derive
+from .strategies import STRATEGIES, StrategyError
 
 Section("training", "the training loop").params(
     epochs=Param(Number(int, 1), "number of epochs", default=300),
     batch_size=Param(Number(int, 1), "images per process (per GPU) per micro-batch", default=256),
-    grad_accum_steps=Param(Number(int, 1), "micro-batches per optimizer update", default=1),
+    global_batch=Param(Number(int, 0), "images per optimizer update over all processes; gradient "
+                       "accumulation makes up the rest (0 = batch_size x processes)", default=0),
     amp=Param(Choice("off", "fp16", "bf16"), "autocast dtype (fp16 uses a GradScaler)", default="off"),
     channels_last=Param(Bool01(), "NHWC images and conv weights", default=1),
-    compile=Param(Bool01(), "torch.compile the model", default=0),
+    compile=Param(Bool01(), "torch.compile each variant's model", default=0),
     label_smoothing=Param(Number(float, 0, 1, hi_open=True), "label smoothing (folded into "
                           "mixup's soft targets when mixup/cutmix is on)", default=0.1),
     clip_grad=Param(Number(float, 0), "max gradient norm (0 = no clipping)", default=0.0),
-    seed=Param(Number(int, 0), "seed of model init, data order and augmentation", default=42),
+    seed=Param(Number(int, 0), "seed of model init, data order, crops and augmentation", default=42),
     device=Param(Choice("auto", "cpu", "cuda"), "auto = cuda when available", default="auto"),
-    max_nonfinite=Param(Number(int, 1), "stop after this many consecutive updates with a "
+    max_nonfinite=Param(Number(int, 1), "stop a variant after this many consecutive updates with a "
                         "non-finite loss", default=5),
+    threads=Param(Number(int, 0), "torch intra-op threads (0 = the cores this process may use)",
+                  default=0),
+    deterministic=Param(Bool01(), "torch deterministic algorithms (bit-exact CUDA kernels, slower)",
+                        default=0),
 )
 Section("optim", "AdamW (torch; fused kernel when the device supports it)").params(
     lr=Param(Number(float, 0, lo_open=True), "peak learning rate (before lr.scale)", default=1e-3),
@@ -106,15 +122,15 @@ Section("lr", "per-update schedule: linear warm-up, then cosine").params(
     warmup_epochs=Param(Number(float, 0), "epochs of linear warm-up from warmup_lr", default=5.0),
     warmup_lr=Param(Number(float, 0), "learning rate at the first update", default=1e-5),
     min_lr=Param(Number(float, 0), "learning rate at the end of the cosine", default=0.0),
-    scale=Param(Choice("none", "linear"), "linear: peak = optim.lr * global batch / base_batch "
-                "(DeiT's rule)", default="none"),
-    base_batch=Param(Number(int, 1), "global batch size at which optim.lr applies (lr.scale=linear)",
+    scale=Param(Choice("none", "linear", "sqrt"), "peak = optim.lr x (global batch / base_batch) "
+                "(linear, DeiT's rule) or its square root; none = optim.lr as given", default="none"),
+    base_batch=Param(Number(int, 1), "global batch at which optim.lr applies (lr.scale != none)",
                      default=512),
 )
 Section("ema", "exponential moving average of the weights (sharing-safe)").params(
     decay=Param(Number(float, 0, 1, hi_open=True), "EMA decay per EMA update (0 = no EMA)", default=0.0),
     every=Param(Number(int, 1), "optimizer updates between EMA updates", default=1),
-    eval=Param(Bool01(), "evaluate the EMA model alongside the model", default=1),
+    eval=Param(Bool01(), "evaluate the EMA model; its top-1 is then the headline, as in timm", default=1),
 )
 Section("validation", "top-1/top-5 on data.val_dataset").params(
     batch_size=Param(Number(int, 1), "images per process", default=256),
@@ -123,40 +139,35 @@ Section("validation", "top-1/top-5 on data.val_dataset").params(
 )
 Section("logging", "where results go").params(
     folder=Param(str, "parent folder of run folders", default="runs"),
-    experiment=Param(str, "run folder name ('' = reduction.strategy)", default=""),
+    experiment=Param(str, "run folder name ('' = the config file's name, else reduction.strategy)",
+                     default=""),
     progress=Param(Bool01(), "tqdm progress bars on rank 0", default=1),
+    every_steps=Param(Number(int, 1), "optimizer updates between host reads of the loss and the "
+                      "ranks' stop/save agreement", default=20),
 )
 Section("checkpoint", "last.pt / best.pt").params(
     every_minutes=Param(Number(float, 0), "also write last.pt every N minutes mid-epoch (0 = only "
                         "at epoch ends)", default=0.0),
-    save_best=Param(Bool01(), "write best.pt (weights) on a new best top-1", default=1),
+    save_best=Param(Bool01(), "write best.pt on a new best headline top-1", default=1),
+    on_damaged=Param(Choice("refuse", "fresh", "best"), "a last.pt that cannot be read: refuse "
+                     "(exit 2), or move it aside and start fresh / from best.pt", default="refuse"),
 )
 
 SECTIONS = ["data", "resolution", "augment", "model", "reduction", "training", "optim", "lr", "ema",
             "validation", "logging", "checkpoint"]
-HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "data.batches_ahead",
-            "data.train_dataset", "data.val_dataset", "validation.every_n_epochs",
-            "validation.batch_size", "training.compile")
-LOG_KEYS = ["epoch", "train_loss", "top_1", "top_5", "ema_top_1", "ema_top_5", "val_images", "lr", "res",
-            "updates", "epoch_time_s", "train_time_s", "train_img_s", "data_wait_frac", "peak_mem_mb"]
-FINAL_KEYS = ["experiment", "strategy", "arch", "img_size", "epochs", "params", "mlp_params", "gflops",
-              "best_top_1", "final_top_1", "best_ema_top_1", "final_ema_top_1", "total_time_s",
-              "train_img_s", "data_wait_frac", "completed"]  # what sweep/report read
+# what a paired variant may set for itself; every other key shapes the shared batches
+PER_VARIANT = ("model.", "reduction.", "ema.", "optim.", "lr.", "logging.experiment")
+SHARED_MODEL_KEYS = ("model.num_classes", "model.img_size")  # the batches' labels and pixels
 EXIT_OK, EXIT_CRASH, EXIT_USER, EXIT_PREEMPTED = 0, 1, 2, 124
 log = logging.getLogger("fastvit_reduce")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss was NaN/inf for ``training.max_nonfinite`` consecutive updates."""
-
-
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; ``last.pt`` has been written."""
+    """SIGTERM/SIGUSR1 arrived (``saved`` tells whether ``last.pt`` holds this position)."""
 
-
-def is_harmless(key: str) -> bool:
-    """Keys that may differ between a checkpoint and the run resuming it."""
-    return key.startswith(HARMLESS)
+    def __init__(self, saved: bool = True):
+        super().__init__()
+        self.saved = saved
 
 
 def lr_at(progress: float, *, peak: float, epochs: int, warmup_epochs: float, warmup_lr: float,
@@ -181,7 +192,75 @@ def train_res(cfg: dict, epoch: int) -> int:
                           cfg["resolution.start_ramp"], cfg["resolution.end_ramp"], cfg["resolution.step"])
 
 
-# ----------------------------------------------------------------------------- small helpers
+# ----------------------------------------------------------------------------- the plan
+def batch_plan(cfg: dict, world: int) -> dict:
+    """Per-GPU batch, accumulation, global batch and peak lr at ``world`` processes.
+
+    ``ConfigError`` when ``training.global_batch`` is not world x batch_size x an integer; the
+    message names the per-GPU batch sizes that would reach it.
+    """
+    per_gpu, want = cfg["training.batch_size"], cfg["training.global_batch"] or cfg["training.batch_size"] * world
+    if want % (per_gpu * world):
+        valid = [b for b in range(1, want // world + 1) if want % (b * world) == 0]
+        near = sorted(valid, key=lambda b: (abs(b - per_gpu), -b))[:4]
+        raise ConfigError(
+            f"training.global_batch={want} cannot be reached with training.batch_size={per_gpu} on "
+            f"{world} process(es) ({per_gpu} x {world} does not divide {want}); per-GPU sizes that do: "
+            f"{', '.join(map(str, sorted(near))) or 'none (global_batch < processes)'}")
+    scale = {"none": 1.0, "linear": want / cfg["lr.base_batch"],
+             "sqrt": math.sqrt(want / cfg["lr.base_batch"])}[cfg["lr.scale"]]
+    return {"world": world, "per_gpu_batch": per_gpu, "accum": want // (per_gpu * world),
+            "global_batch": want, "peak_lr": cfg["optim.lr"] * scale}
+
+
+def batches_per_epoch(cfg: dict, world: int, num_samples: int) -> int:
+    """Train micro-batches per process per epoch, as the loader's order will give them."""
+    repeats = cfg["augment.aug_repeats"]
+    if repeats > 1:
+        stand_in = SimpleNamespace(indices=np.arange(num_samples), seed=0, distributed=world > 1)
+        per_rank = RepeatAugOrder(stand_in, repeats, rank=0, world_size=world).num_selected
+    else:
+        per_rank = math.ceil(num_samples / world)  # ffcv pads like torch's DistributedSampler
+    b = cfg["training.batch_size"]
+    return per_rank // b if cfg["data.drop_last"] else math.ceil(per_rank / b)
+
+
+def stored_size(path: str) -> dict | None:
+    """Median stored width/height/short side (px) of a .beton's images, from its metadata."""
+    try:
+        from ffcv.reader import Reader
+        meta = Reader(str(path)).metadata["f0"]
+    except Exception:  # noqa: BLE001 — a missing/odd file: the checks elsewhere name it
+        return None
+    w, h = meta["width"].astype(np.float64), meta["height"].astype(np.float64)
+    return {"median_width": float(np.median(w)), "median_height": float(np.median(h)),
+            "median_short_side": float(np.median(np.minimum(w, h))),
+            "median_long_side": float(np.median(np.maximum(w, h)))}
+
+
+def resolution_warnings(cfg: dict, crop_pct: float, train_store: dict | None,
+                        val_store: dict | None) -> list[str]:
+    """Where a stored image is smaller than what the crops need (so crops are upsampled)."""
+    out = []
+    img = cfg["validation.resolution"] or cfg["model.img_size"]
+    if val_store:
+        need = img / crop_pct  # timm eval: short side resized to img / crop_pct, then centre crop
+        have = val_store["median_short_side"]
+        if have < need:
+            out.append(f"val images are stored with a median short side of {have:.0f} px; timm's eval "
+                       f"transform resizes it to {need:.0f} px, so validation upsamples by "
+                       f"{need / have:.2f}x (write the .beton at a larger max resolution)")
+    if train_store:
+        res = cfg["resolution.max_res"]
+        lo, hi = cfg["data.rrc_scale"]
+        side = math.sqrt((lo + hi) / 2 * train_store["median_width"] * train_store["median_height"])
+        if side < res:
+            out.append(f"train crops of mean area {(lo + hi) / 2:.2f} cover ~{side:.0f} px of the median "
+                       f"stored image, below the {res} px train resolution: most crops are upsampled")
+    return out
+
+
+# ----------------------------------------------------------------------------- processes
 class Dist:
     """Rank, world size and device of this process (torchrun env:// or a single process)."""
 
@@ -194,7 +273,6 @@ class Dist:
             # why before the loaders: ffcv creates its CUDA streams on the current device
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         else:
             self.device = torch.device("cpu")
         if self.world > 1:
@@ -202,22 +280,51 @@ class Dist:
                                     device_id=self.device if use_cuda else None)
         self.main = self.rank == 0
 
-    def sum(self, values: list[float]) -> list[float]:
-        """All-reduce (sum) a few numbers across ranks; identity with one process."""
+    def all_sum(self, values: list[float]) -> list[float]:
+        """All-reduce (sum) a few host numbers across ranks; identity with one process."""
         if self.world == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
-    def sync(self) -> None:
-        """Wait for queued device work (CUDA), so host clocks measure finished work."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def all_max_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place all-reduce (max) of a device tensor; no host sync."""
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+
+def set_numerics(device: torch.device, deterministic: bool) -> None:
+    """TF32 matmuls on CUDA (as timm), or torch's deterministic algorithms when asked."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # why: cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity: Slurm/taskset limits count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc), for the start-up time."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 (cluster preemption) until the loop reaches an update boundary."""
+    """Remembers SIGTERM/SIGUSR1 (cluster preemption) until the loop can act on it."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -233,15 +340,13 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def setup_logging(folder: Path | None) -> None:
-    """Rank 0: INFO to stdout and ``train.log``; other ranks (folder None): errors only."""
+def setup_logging(folders: list[Path] | None) -> None:
+    """Rank 0: INFO to stdout and each variant's ``train.log``; other ranks: errors only."""
     close_logging()
     log.propagate = False  # why: an embedding app's root handlers would print every line twice
-    log.setLevel(logging.INFO if folder else logging.ERROR)
+    log.setLevel(logging.INFO if folders is not None else logging.ERROR)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if folder:
-        handlers.append(logging.FileHandler(folder / "train.log"))
+    handlers = [logging.StreamHandler(sys.stdout)] + [logging.FileHandler(f / "train.log") for f in folders or []]
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
@@ -277,35 +382,6 @@ def run_info(cfg: dict, argv: list[str], world: int) -> dict:
             "host": platform.node()}
 
 
-def read_rows(path: Path, before_epoch: int) -> list[dict]:
-    """Rows of ``log.jsonl`` for epochs < ``before_epoch`` (drops rows a resume will redo and a
-    line torn by kill -9)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < before_epoch:
-                rows.append(row)
-    return rows
-
-
-def write_rows(folder: Path, rows: list[dict]) -> None:
-    """Rewrite ``log.jsonl`` and ``summary.csv`` from ``rows`` (both atomically)."""
-    for name, text in (("log.jsonl", "".join(json.dumps(r) + "\n" for r in rows)), ("summary.csv", None)):
-        tmp = folder / f".{name}.tmp"
-        with open(tmp, "w", newline="") as f:
-            if text is not None:
-                f.write(text)
-            else:
-                writer = csv.DictWriter(f, fieldnames=LOG_KEYS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-        tmp.replace(folder / name)
-
-
 def peak_mem_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated since the last reset; on CPU the process's peak RSS."""
     if device.type == "cuda":
@@ -313,140 +389,171 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    import random
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+# ----------------------------------------------------------------------------- data
+class Ahead:
+    """Runs ``make()``'s iterator one item ahead in a thread, so batch i+1 is decoded and augmented
+    while step i computes (torch ops release the GIL). Items and exceptions arrive in order.
+    ``poll`` is called every 0.5 s while the consumer waits (it may raise to stop the wait)."""
+
+    _DONE = object()
+
+    def __init__(self, make, poll=None, depth: int = 1):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.poll = poll
+        self.thread = threading.Thread(target=self._run, args=(make,), daemon=True, name="batch-ahead")
+        self.thread.start()
+
+    def _run(self, make):
+        try:
+            for item in make():
+                if not self._put((True, item)):
+                    return
+            self._put((True, self._DONE))
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer
+            self._put((False, e))
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            try:
+                ok, item = self.q.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self.poll is not None:
+                    self.poll()
+        if not ok:
+            raise item
+        if item is self._DONE:
+            raise StopIteration
+        return item
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join(timeout=10)
 
 
-# ----------------------------------------------------------------------------- the trainer
-class Trainer:
-    """Builds everything from the resolved config ``cfg``, then ``run()`` trains."""
+class FfcvSource:
+    """Train and val batches from the .beton files: decoded by ffcv, augmented on the device once
+    per batch for every variant, the next batch prepared in a thread while the model steps."""
 
-    def __init__(self, cfg: dict, argv: list[str]):
-        self.cfg, self.t_start = cfg, time.monotonic()
-        self.d = d = Dist(cfg["training.device"])
-        self.folder = Path(cfg["logging.folder"]) / (cfg["logging.experiment"] or cfg["reduction.strategy"])
-        if d.main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.folder if d.main else None)
-        self.last_pt, self.best_pt = self.folder / "last.pt", self.folder / "best.pt"
-        self.state = self.find_resume_state()
-        if self.state is not None and self.state["epoch"] >= cfg["training.epochs"]:
-            self.complete = True
-            return
-        self.complete = False
-        if d.main:
-            info = run_info(cfg, argv, d.world)
-            info["resumed_from"] = None if self.state is None else {
-                "epoch": self.state["epoch"], "step_in_epoch": self.state["step_in_epoch"]}
-            dump_json(info, self.folder / "params.json")
-
-        # model: the same init on every rank (DDP would broadcast rank 0's anyway)
-        seed_all(cfg["training.seed"])
-        img = cfg["model.img_size"]
-        self.val_res = cfg["validation.resolution"] or img
-        dynamic = {cfg["resolution.min_res"], cfg["resolution.max_res"], self.val_res} != {img}
-        model = model_from_config(dynamic_img_size=dynamic)
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-        if dynamic and patch:
-            check_resolutions(cfg, patch)
-        stats = mlp_stats(model)
-        self.model_stats = {"params": stats["params"], "mlp_params": stats["mlp_params"],
-                            "gflops": round(gflops(model, img), 4)}
-        data_cfg = resolve_data_config({}, model=model)  # timm: the arch's mean/std/crop_pct
-        self.mean, self.std = data_cfg["mean"], data_cfg["std"]
-        self.crop_pct = cfg["data.crop_pct"] or data_cfg["crop_pct"]
-        log.info(f"model {cfg['model.arch']} ({cfg['reduction.strategy']}): "
-                 f"{self.model_stats['params']:,} params, {stats['mlp_params']:,} in "
-                 f"{stats['unique_mlps']} MLPs (hidden {stats['mlp_hidden']}), "
-                 f"{self.model_stats['gflops']:.3f} GFLOPs/img at {img}px")
-        model.to(d.device)
-        if cfg["training.channels_last"]:
-            model.to(memory_format=torch.channels_last)
-        self.model = model
-
-        # optimizer, AMP, loss
-        self.global_batch = cfg["training.batch_size"] * cfg["training.grad_accum_steps"] * d.world
-        self.peak_lr = cfg["optim.lr"] * (self.global_batch / cfg["lr.base_batch"]
-                                          if cfg["lr.scale"] == "linear" else 1.0)
-        self.optimizer = self.build_optimizer()
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg["training.amp"])
-        self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg["training.amp"] == "fp16")
-        dtype = self.amp_dtype or torch.float32
-        self.augment = augment_from_config(cfg["model.num_classes"], self.mean, self.std,
-                                           cfg["training.label_smoothing"], d.device, dtype)
-        self.criterion = (SoftTargetCrossEntropy() if self.augment.soft_targets
-                          else nn.CrossEntropyLoss(label_smoothing=cfg["training.label_smoothing"]))
-        self.updates, self.start_epoch, self.skip, self.carry, self.nonfinite = 0, 0, 0, {}, 0
-        self.elapsed_before, self.best = 0.0, None  # best = best top-1 so far (%)
-        if self.state is not None:
-            self.restore(self.state)
-
-        # wrappers: DDP for gradients, torch.compile for speed, EMA of the plain model
-        self.ddp = (DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda"
-                                            else None) if d.world > 1 else None)
-        self.train_model = self.ddp or model
-        if cfg["training.compile"]:
-            self.train_model = torch.compile(self.train_model)
-        self.ema = ModelEma(model, cfg["ema.decay"]) if cfg["ema.decay"] > 0 else None
-        if self.ema is not None and self.state is not None:
-            self.ema.load_state_dict(self.state["ema"])
-        seed_all(cfg["training.seed"] + 1000 * d.rank + self.start_epoch)
-        if self.state is not None:
-            ckpt.set_rng_state(self.state["rng"][d.rank])
-        self.state = None  # free the checkpoint's host memory
-
-        # loaders (C's ffcv pipelines) — after set_device and init_process_group
-        res0 = train_res(cfg, self.start_epoch)
-        self.train_loader = create_train_loader(
-            cfg["data.train_dataset"], cfg["training.batch_size"], d.device, res=res0,
+    def __init__(self, cfg: dict, d: Dist, mean, std, crop_pct: float, start_epoch: int, dtype):
+        self.cfg, self.d, self.mean, self.std = cfg, d, mean, std
+        self.augment = augment_from_cfg(cfg, cfg["model.num_classes"], mean, std,
+                                        cfg["training.label_smoothing"], d.device, dtype)
+        self.soft_targets = self.augment.soft_targets
+        self.loader = create_train_loader(
+            cfg["data.train_dataset"], cfg["training.batch_size"], d.device, res=train_res(cfg, start_epoch),
             num_workers=cfg["data.num_workers"], in_memory=cfg["data.in_memory"],
             batches_ahead=cfg["data.batches_ahead"], drop_last=cfg["data.drop_last"],
             order=cfg["data.order"], aug_repeats=cfg["augment.aug_repeats"], seed=cfg["training.seed"],
             distributed=d.world > 1, rrc_scale=cfg["data.rrc_scale"], rrc_ratio=cfg["data.rrc_ratio"],
             hflip=cfg["data.hflip"], channels_last=cfg["training.channels_last"])
-        if len(self.train_loader) == 0:
-            raise ConfigError(f"data.train_dataset: {cfg['data.train_dataset']} gives no full batch of "
-                              f"training.batch_size={cfg['training.batch_size']} per process")
         self.val_loader = None
         if cfg["data.val_dataset"]:
             self.val_loader = create_val_loader(
-                cfg["data.val_dataset"], cfg["validation.batch_size"], d.device, res=self.val_res,
-                crop_pct=self.crop_pct, num_workers=cfg["data.num_workers"],
-                in_memory=cfg["data.in_memory"], distributed=d.world > 1,
-                channels_last=cfg["training.channels_last"])
-        self.stop = StopSignal()
-        self.last_save = time.monotonic()
+                cfg["data.val_dataset"], cfg["validation.batch_size"], d.device,
+                res=cfg["validation.resolution"] or cfg["model.img_size"], crop_pct=crop_pct,
+                num_workers=cfg["data.num_workers"], in_memory=cfg["data.in_memory"],
+                distributed=d.world > 1, channels_last=cfg["training.channels_last"])
+        self.has_val = self.val_loader is not None
+        self.side_stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
 
-    # --------------------------------------------------------------------- construction parts
-    def find_resume_state(self) -> dict | None:
-        """``last.pt`` if every rank sees it; refuse it when the config differs."""
-        have = self.last_pt.is_file()
-        seen = self.d.sum([float(have)])[0]
-        if seen not in (0, self.d.world):
-            raise ConfigError(f"{self.last_pt} is visible on {int(seen)} of {self.d.world} processes: "
-                              "logging.folder must be on a filesystem shared by all nodes")
-        if not have:
-            return None
-        state = ckpt.load(self.last_pt)
-        diff = ckpt.config_diff(state["config"], self.cfg, is_harmless)
-        if state["world_size"] != self.d.world:
-            diff.append(f"number of processes: {state['world_size']} -> {self.d.world}")
-        if diff:
-            raise ConfigError(f"{self.last_pt} was written with a different configuration; use another "
-                              "logging.experiment or restore these settings:\n  " + "\n  ".join(diff))
-        for key in ("data.train_dataset", "data.val_dataset"):
-            if state["config"].get(key) != self.cfg[key]:
-                log.info(f"note: {key} moved since the checkpoint: {state['config'].get(key)} -> {self.cfg[key]}")
-        return state
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, skip: int = 0):
+        """(x, targets) for the steps ``skip``.. of ``epoch``; x normalised, in the AMP dtype."""
+        cfg, d = self.cfg, self.d
+        set_train_resolution(self.loader, train_res(cfg, epoch))
+        set_epoch(self.loader, epoch)  # the order, crops and flips of this epoch
+        stream = torch.cuda.stream(self.side_stream) if self.side_stream else contextlib.nullcontext()
+        with stream:
+            for i, (images, labels) in enumerate(self.loader):
+                if i < skip:  # resumed mid-epoch: these steps were trained before the stop
+                    continue
+                # why clone: ffcv reuses its output buffers (batches_ahead + 2 slots) and this batch
+                # is used one step later; the images are copied by the augmentation anyway
+                labels = labels.clone()
+                x, y = self.augment(images, labels, seed=derive(cfg["training.seed"], "augment", epoch, i, d.rank))
+                if cfg["training.channels_last"]:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                ready = None
+                if self.side_stream is not None:  # the model's stream waits for this batch only
+                    ready = torch.cuda.Event()
+                    ready.record(self.side_stream)
+                yield x, y, ready
+
+    def val(self):
+        """(x normalised, int64 labels) over this rank's shard of the val set."""
+        dtype = self.augment.dtype
+        for images, labels in self.val_loader:
+            yield normalize(images, self.mean, self.std, dtype=dtype), labels
+
+
+# ----------------------------------------------------------------------------- one variant
+class Variant:
+    """Everything one model of a (paired) run owns: model, optimizer, scaler, EMA, DDP/compile
+    wrappers, run folder and log rows."""
+
+    def __init__(self, cfg: dict, d: Dist, folder: RunFolder, plan: dict, soft_targets: bool):
+        self.cfg, self.d, self.folder, self.plan = cfg, d, folder, plan
+        self.name = folder.name
+        img = cfg["model.img_size"]
+        val_res = cfg["validation.resolution"] or img
+        dynamic = {cfg["resolution.min_res"], cfg["resolution.max_res"], val_res} != {img}
+        # same seed for every variant: those built from the full model start from the same
+        # weights before their surgery; thin draws its own widths from the same stream
+        model = model_from_cfg(cfg, dynamic_img_size=dynamic, seed=derive(cfg["training.seed"], "init"))
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        if dynamic and patch:
+            check_resolutions(cfg, patch)
+        stats = mlp_stats(model)
+        self.stats = {"params": stats["params"], "mlp_params": stats["mlp_params"],
+                      "gflops": round(gflops(model, img), 4)}
+        data_cfg = resolve_data_config({}, model=model)  # timm: the arch's mean/std/crop_pct
+        self.mean, self.std, self.crop_pct = data_cfg["mean"], data_cfg["std"], cfg["data.crop_pct"] or data_cfg["crop_pct"]
+        log.info(f"{self.name}: {cfg['model.arch']} ({cfg['reduction.strategy']}) {self.stats['params']:,} params, "
+                 f"{stats['mlp_params']:,} in {stats['unique_mlps']} MLPs (hidden {stats['mlp_hidden']}), "
+                 f"{self.stats['gflops']:.3f} GFLOPs/img at {img}px")
+        model.to(d.device)
+        if cfg["training.channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = self.build_optimizer()
+        self.fused = bool(self.optimizer.defaults.get("fused"))
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg["training.amp"])
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=cfg["training.amp"] == "fp16")
+        self.criterion = (SoftTargetCrossEntropy() if soft_targets
+                          else nn.CrossEntropyLoss(label_smoothing=cfg["training.label_smoothing"]))
+        self.ddp = (DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+                    if d.world > 1 else None)
+        self.train_model = torch.compile(self.ddp or model) if cfg["training.compile"] else (self.ddp or model)
+        self.ema = ModelEma(model, cfg["ema.decay"]) if cfg["ema.decay"] > 0 else None
+        # counters (device tensors: read by the host every logging.every_steps updates)
+        dev = d.device
+        self.updates, self.best, self.rows, self.elapsed_before = 0, None, [], 0.0
+        self.consecutive_bad = torch.zeros((), device=dev)   # updates in a row with a non-finite loss
+        self.group_bad = torch.zeros((), device=dev)          # non-finite micro-steps in this group
+        self.active, self.exit_reason, self.saved_final = True, None, False
+        self.first_batch_hash = None
+        self.reset_epoch_sums()
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """timm's AdamW param groups (no decay on 1-D params and ``no_weight_decay()`` names)."""
         cfg = self.cfg
-        kwargs = dict(lr=self.peak_lr, weight_decay=cfg["optim.weight_decay"],
+        kwargs = dict(lr=self.plan["peak_lr"], weight_decay=cfg["optim.weight_decay"],
                       betas=tuple(cfg["optim.betas"]), eps=cfg["optim.eps"])
         if cfg["optim.fused"]:
             try:
@@ -455,242 +562,456 @@ class Trainer:
                 log.info(f"fused AdamW unavailable here ({e}); using foreach")
         return create_optimizer_v2(self.model, "adamw", foreach=True, **kwargs)
 
-    def restore(self, state: dict) -> None:
-        """Load model / optimizer / scaler / counters from a ``last.pt`` state."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.updates, self.start_epoch, self.skip = state["updates"], state["epoch"], state["step_in_epoch"]
-        self.carry = state["epoch_stats"] if self.skip else {}
-        self.elapsed_before, self.best = state["elapsed_s"], state["best"]
-        log.info(f"resuming from {self.last_pt}: epoch {self.start_epoch}, step {self.skip}, "
-                 f"update {self.updates}")
-
     def lr(self, progress: float) -> float:
         c = self.cfg
-        return lr_at(progress, peak=self.peak_lr, epochs=c["training.epochs"],
+        return lr_at(progress, peak=self.plan["peak_lr"], epochs=c["training.epochs"],
                      warmup_epochs=c["lr.warmup_epochs"], warmup_lr=c["lr.warmup_lr"],
                      min_lr=c["lr.min_lr"], schedule=c["lr.schedule"])
 
-    # --------------------------------------------------------------------- the run
-    def run(self) -> int:
-        """Train the remaining epochs; return the exit code."""
-        cfg, d = self.cfg, self.d
-        if self.complete:
-            log.info(f"{self.folder} is already complete ({cfg['training.epochs']} epochs); nothing to do")
-            if d.main and self.state.get("final"):  # why: kill -9 may have hit between last.pt and final.json
-                dump_json(self.state["final"], self.folder / "final.json")
-            return EXIT_OK
-        self.rows = read_rows(self.folder / "log.jsonl", self.start_epoch) if d.main else []
+    def reset_epoch_sums(self, carry: dict | None = None) -> None:
+        dev = self.d.device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.loss_n = torch.zeros((), dtype=torch.float64, device=dev)
+        self.lr_sum, self.lr_n = 0.0, 0
+        if carry:
+            self.loss_sum += carry.get("loss_sum", 0.0)
+            self.loss_n += carry.get("loss_n", 0.0)
+            self.lr_sum, self.lr_n = carry.get("lr_sum", 0.0), carry.get("lr_n", 0)
+
+    # ------------------------------------------------------------------ one micro-step
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, *, update: bool, group: int) -> None:
+        """Forward and backward on one micro-batch (gradients of a group accumulate)."""
+        sync = self.ddp.no_sync() if self.ddp is not None and not update else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss = self.criterion(self.train_model(x), y)
+            self.scaler.scale(loss / group).backward()
+        loss = loss.detach().double()
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
+        self.loss_n += finite
+        self.group_bad += ~finite
+        # the graph is freed by backward; the next variant's forward starts with this one's
+        # activations gone
+
+    def optimizer_step(self, lr: float) -> None:
+        """Apply one update unless a loss of the group was non-finite on any rank.
+
+        Where the optimizer can skip on the device (fused AdamW takes a ``found_inf`` tensor),
+        nothing is read back to the host; otherwise (CPU, foreach) the host checks the flag."""
+        bad = self.d.all_max_(self.group_bad.clone())
+        self.group_bad.zero_()
+        self.consecutive_bad.copy_(torch.where(bad > 0, self.consecutive_bad + 1, torch.zeros_like(bad)))
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.lr_sum, self.lr_n = self.lr_sum + lr, self.lr_n + 1
+        on_device = self.d.device.type == "cuda" and self.fused and not self.scaler.is_enabled()
+        if not on_device and bad.item() > 0:
+            self.optimizer.zero_grad(set_to_none=True)  # skip: gradients are poisoned
+            self.updates += 1
+            return
+        if self.cfg["training.clip_grad"] > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["training.clip_grad"])
+        if on_device:  # why: torch's fused AdamW skips the step on the device when found_inf is 1
+            self.optimizer.found_inf = (bad > 0).float()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if on_device:
+            del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        if self.ema is not None and self.updates % self.cfg["ema.every"] == 0:
+            self.ema.update(self.model, step=self.updates)
+
+    # ------------------------------------------------------------------ state
+    def state(self, epoch: int, step: int, trainer) -> dict:
+        """Everything ``last.pt`` holds for this variant (resume at ``epoch`` after ``step``)."""
+        return {"format": 2, "model": self.model.state_dict(),
+                "ema": None if self.ema is None else self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": epoch, "step_in_epoch": step, "updates": self.updates,
+                "consecutive_bad": float(self.consecutive_bad), "config": self.cfg,
+                "world_size": self.d.world, "elapsed_s": trainer.elapsed(self),
+                "epoch_stats": {"loss_sum": float(self.loss_sum), "loss_n": float(self.loss_n),
+                                "lr_sum": self.lr_sum, "lr_n": self.lr_n,
+                                **{k: v for k, v in trainer.epoch_stats.items()}} if step else {},
+                "best": self.best, "rows": list(self.rows), "first_batch_hash": self.first_batch_hash}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.updates, self.best = state["updates"], state["best"]
+        self.elapsed_before = state["elapsed_s"]
+        self.consecutive_bad.fill_(state.get("consecutive_bad", 0.0))
+        self.rows = [r for r in state.get("rows", []) if r["epoch"] < state["epoch"]]
+        self.first_batch_hash = state.get("first_batch_hash")
+        self.reset_epoch_sums(state.get("epoch_stats") if state["step_in_epoch"] else None)
+
+    def restore_weights(self, best: dict) -> None:
+        """Start from ``best.pt``'s weights (after a damaged last.pt): fresh optimizer state."""
+        self.model.load_state_dict(best["model"])
+        if self.ema is not None and best.get("ema") is not None:
+            self.ema.load_state_dict(best["ema"])
+        self.best = best.get("top_1")
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """K >= 1 variants trained on one stream of batches; ``run()`` returns the exit code."""
+
+    def __init__(self, cfgs: list[dict], argv: list[str], d: Dist, folders: list[RunFolder],
+                 source_factory=None):
+        self.cfgs, self.cfg, self.argv, self.d = cfgs, cfgs[0], argv, d
+        self.t_start, self.t_age = time.monotonic(), process_age()
+        cfg = self.cfg
+        self.plan = batch_plan(cfg, d.world)
+        set_numerics(d.device, cfg["training.deterministic"])
+        # models first (the seed of each variant's init does not depend on what else is built)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg["training.amp"], torch.float32)
+        soft = cfg["augment.mixup"] > 0 or cfg["augment.cutmix"] > 0
+        self.variants = []
+        for c, folder in zip(cfgs, folders):
+            self.variants.append(Variant(c, d, folder, {**self.plan, **batch_plan(c, d.world)}, soft))
+        v0 = self.variants[0]
+        self.start_epoch, self.skip = self.resume()
+        # data: one source for all variants (the first variant's normalisation: pairable configs
+        # share model.arch's family? no — mean/std must agree, checked in check_pairable)
+        factory = source_factory or (lambda c, dev, mean, std: FfcvSource(c, d, mean, std, v0.crop_pct,
+                                                                        self.start_epoch, dtype))
+        self.source = factory(cfg, d.device, v0.mean, v0.std)
+        if len(self.source) == 0:
+            raise ConfigError(f"data.train_dataset: {cfg['data.train_dataset']} gives no full batch of "
+                              f"training.batch_size={cfg['training.batch_size']} per process")
+        # threads: ffcv's Loader set torch's intra-op count to data.num_workers; we own it
+        self.threads = cfg["training.threads"] or available_cores()
+        torch.set_num_threads(self.threads)
+        log.info(f"threads: torch {self.threads} intra-op (of {available_cores()} cores this process may "
+                 f"use), ffcv {cfg['data.num_workers']} decode, 1 batch-ahead augmentation thread")
+        self.stop = StopSignal()
+        self.last_save = time.monotonic()
+        self.epoch_stats: dict = {}
+        self.updates_done = 0  # updates stepped by this process (the cadence of host reads)
+        means = {(tuple(v.mean), tuple(v.std), v.crop_pct) for v in self.variants}
+        if len(means) > 1:
+            raise ConfigError(f"paired variants normalise differently (mean, std, crop_pct): {sorted(means)}; "
+                              "pair models of one family (the batches are prepared once for all)")
+
+    # ------------------------------------------------------------------ resuming
+    def resume(self) -> tuple[int, int]:
+        """Load every active variant's ``last.pt`` (or ``prev.pt``) at one common position."""
+        d = self.d
+        states, positions, prevs = {}, {}, {}
+        for v in self.variants:
+            state = self.load_state(v, v.folder.last_pt)
+            states[v.name] = state
+            positions[v.name] = position(state) if state else None
+            prev = ckpt.load(v.folder.prev_pt) if v.folder.prev_pt.is_file() else None
+            prevs[v.name] = (position(prev), prev) if prev else None
+        pos, choice = resume_position(positions, {n: p[0] for n, p in prevs.items() if p})
+        seen = d.all_sum([float(pos is not None)])[0]
+        if seen not in (0, d.world):
+            raise ConfigError(f"{self.variants[0].folder.last_pt} is visible on {int(seen)} of {d.world} "
+                              "processes: logging.folder must be on a filesystem shared by all nodes")
+        if pos is None:
+            for v in self.variants:
+                self.maybe_from_best(v)
+            return (self.variants[0].rows[-1]["epoch"] + 1 if self.variants[0].rows else 0), 0
+        for v in self.variants:
+            state = states[v.name] if choice[v.name] == "last" else prevs[v.name][1]
+            self.check_same_run(v, state)
+            v.restore(state)
         if d.main:
-            write_rows(self.folder, self.rows)
-        log.info(f"training epochs {self.start_epoch}..{cfg['training.epochs'] - 1} on {d.world} x "
-                 f"{d.device.type}, global batch {self.global_batch}, peak lr {self.peak_lr:g}, "
-                 f"folder {self.folder}")
+            for v in self.variants:
+                v.folder.prev_pt.unlink(missing_ok=True)
+        log.info(f"resuming from last.pt: epoch {pos[0]}, step {pos[1]}, update {self.variants[0].updates}")
+        return pos
+
+    def load_state(self, v: Variant, path: Path) -> dict | None:
+        """``path``'s state, or None if absent; a damaged file per ``checkpoint.on_damaged``."""
+        if not path.is_file():
+            return None
+        try:
+            return ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            mode = v.cfg["checkpoint.on_damaged"]
+            if mode == "refuse" or e.kind == "unreadable":  # why: a permission problem is not damage
+                raise ConfigError(f"{e}. Re-run with --checkpoint.on_damaged=fresh (start over) or "
+                                  f"=best (start from best.pt); either moves the bad file aside") from None
+            moved = ckpt.move_aside(path) if self.d.main else path
+            log.warning(f"{path} is unusable ({e}); moved to {moved.name}; starting "
+                        f"{'from best.pt' if mode == 'best' else 'fresh'}")
+            v.start_from_best = mode == "best"
+            return None
+
+    def maybe_from_best(self, v: Variant) -> None:
+        if getattr(v, "start_from_best", False) and v.folder.best_pt.is_file():
+            best = ckpt.load(v.folder.best_pt)
+            self.check_same_run(v, best)
+            v.restore_weights(best)
+            v.rows = [r for r in v.folder.read_rows() if r["epoch"] <= best["epoch"]]
+            log.info(f"{v.name}: starting from best.pt (epoch {best['epoch']}) with a fresh optimizer")
+
+    def check_same_run(self, v: Variant, state: dict) -> None:
+        if not isinstance(state.get("config"), dict):
+            raise ConfigError(f"{v.folder.last_pt}: not a fastvit-reduce checkpoint (no config)")
+        diff = config_changes(state["config"], v.cfg)
+        if state.get("world_size", self.d.world) != self.d.world:
+            diff.append(f"number of processes: {state['world_size']} -> {self.d.world}")
+        if diff:
+            raise ConfigError(f"{v.folder.path} was written with a different configuration; use another "
+                              "logging.experiment or restore these settings:\n  " + "\n  ".join(diff))
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        """Train the remaining epochs of every active variant; return the exit code."""
+        cfg, d = self.cfg, self.d
+        if d.main:
+            for v in self.variants:
+                v.folder.write_rows(v.rows)
+        if self.start_epoch >= cfg["training.epochs"]:  # last.pt says done; final.json was lost
+            for v in self.variants:
+                v.exit_reason = "completed"
+            self.save_last(self.start_epoch, 0, completed=True)
+            return EXIT_OK
+        names = ", ".join(v.name for v in self.variants)
+        p = self.plan
+        log.info(f"training {names}: epochs {self.start_epoch}..{cfg['training.epochs'] - 1} on {d.world} x "
+                 f"{d.device.type}, per-GPU batch {p['per_gpu_batch']} x accumulation {p['accum']} x "
+                 f"{d.world} = global batch {p['global_batch']}, peak lr {p['peak_lr']:g}")
         try:
             for epoch in range(self.start_epoch, cfg["training.epochs"]):
-                train = self.train_epoch(epoch)
+                self.train_epoch(epoch)
                 last = epoch + 1 == cfg["training.epochs"]
                 t_eval = time.monotonic()
-                metrics = (self.evaluate() if self.val_loader is not None and
+                metrics = (self.evaluate() if self.source_has_val() and
                            ((epoch + 1) % cfg["validation.every_n_epochs"] == 0 or last) else {})
-                self.end_epoch(epoch, train, metrics, eval_s=time.monotonic() - t_eval)
-                if not last and d.sum([float(self.stop.received is not None)])[0]:
+                self.end_epoch(epoch, metrics, eval_s=time.monotonic() - t_eval)
+                if not any(v.active for v in self.variants):
+                    break
+                if not last and d.all_sum([float(self.stop.received is not None)])[0]:
                     raise Preempted
-        except Preempted:
-            log.info(f"stopped by signal {self.stop.received}; {self.last_pt} holds the state, "
-                     f"re-run the same command to resume")
+        except Preempted as e:
+            how = "last.pt holds the state" if e.saved else "last.pt holds the last saved state"
+            log.info(f"stopped by signal {self.stop.received}; {how}; re-run the same command to resume")
             return EXIT_PREEMPTED
         finally:
             self.stop.restore()
-        log.info(f"done: {cfg['training.epochs']} epochs, {self.elapsed():.0f} s in total; "
-                 f"results in {self.folder / 'final.json'}")
-        return EXIT_OK
+        bad = [v for v in self.variants if v.exit_reason and v.exit_reason != "completed"]
+        for v in bad:
+            if d.main:
+                print(f"error: {v.name}: {v.exit_reason}", file=sys.stderr)
+        log.info(f"done: {cfg['training.epochs']} epochs, {self.elapsed(self.variants[0]):.0f} s; results in "
+                 + ", ".join(str(v.folder.path / "final.json") for v in self.variants))
+        return EXIT_CRASH if bad and len(bad) == len(self.variants) else EXIT_OK
 
-    def train_epoch(self, epoch: int) -> dict:
-        """One epoch (or its rest, after a mid-epoch resume); returns its sums for the log row."""
+    def source_has_val(self) -> bool:
+        return bool(getattr(self.source, "has_val", True))
+
+    def poll_stop(self) -> None:
+        """While waiting for data: a stop signal ends the wait (the last saved state stands)."""
+        if self.stop.received is not None:
+            raise Preempted(saved=False)
+
+    def train_epoch(self, epoch: int) -> None:
+        """One epoch (or its rest after a mid-epoch resume): for each batch, each variant steps."""
         cfg, d = self.cfg, self.d
-        accum = cfg["training.grad_accum_steps"]
-        set_train_resolution(self.train_loader, train_res(cfg, epoch))
-        set_epoch(self.train_loader, epoch)  # same order on every rank and on resume
-        n = len(self.train_loader)
+        accum, n = self.plan["accum"], len(self.source)
         skip, self.skip = self.skip, 0
-        s = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "wait_s": 0.0, "step_s": 0.0, "wall_s": 0.0}
-        s.update(self.carry)  # the part of this epoch trained before a mid-epoch stop
-        self.carry = {}
+        carry = self.epoch_stats if skip else {}
+        s = {"wait_s": carry.get("wait_s", 0.0), "images": carry.get("images", 0),
+             "wall_s": carry.get("wall_s", 0.0)}
+        if not skip:
+            for v in self.variants:
+                v.reset_epoch_sums()
         t_begin = time.monotonic() - s["wall_s"]
-        self.model.train()
-        it = iter(self.train_loader)
-        for _ in range(skip):  # why: resume mid-epoch — these batches were trained before the stop
-            next(it)
+        for v in self.variants:
+            v.model.train()
+        self.epoch_stats = s
         bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=not (d.main and cfg["logging.progress"]))
-        group_loss_bad = 0
-        for i in range(skip, n):
-            t0 = time.perf_counter()
-            images, labels = next(it)
-            t1 = time.perf_counter()
-            group_start = i - i % accum
-            group = min(accum, n - group_start)  # a short last group at the epoch end
-            update = i + 1 == group_start + group
-            x, y = self.augment(images, labels)
-            if cfg["training.channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            sync_ctx = self.ddp.no_sync() if self.ddp is not None and not update else contextlib.nullcontext()
-            with sync_ctx:
-                with torch.autocast(d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss = self.criterion(self.train_model(x), y)
-                self.scaler.scale(loss / group).backward()
-            loss_value = loss.item()
-            if math.isfinite(loss_value):
-                s["loss_sum"] += loss_value
-                s["loss_n"] += 1
-            else:
-                group_loss_bad += 1
-            lr = self.lr(epoch + (i + 1) / n)
-            if update:
-                self.optimizer_step(lr, group_loss_bad)
-                group_loss_bad = 0
-            d.sync()
-            t2 = time.perf_counter()
-            s["wait_s"] += t1 - t0
-            s["step_s"] += t2 - t0
-            s["images"] += len(labels)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False,
-                            img_s=f"{s['images'] * d.world / max(s['step_s'], 1e-9):.0f}")
-            if update and i + 1 < n:
-                s["wall_s"] = time.monotonic() - t_begin
-                self.between_updates(epoch, i + 1, s, bar)
-        bar.close()
+        batches = Ahead(lambda: self.source.epoch(epoch, skip) if skip else self.source.epoch(epoch),
+                        poll=self.poll_stop)
+        every = cfg["logging.every_steps"]
+        try:
+            for i in range(skip, n):
+                t0 = time.monotonic()
+                try:
+                    item = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f"the train loader ended after {i} of {n} batches") from None
+                x, y, ready = item if len(item) == 3 else (*item, None)
+                s["wait_s"] += time.monotonic() - t0
+                if ready is not None:
+                    main_stream = torch.cuda.current_stream(d.device)
+                    main_stream.wait_event(ready)
+                    for t in (x, y):  # allocated on the side stream, used on this one
+                        t.record_stream(main_stream)
+                if self.variants[0].first_batch_hash is None and epoch == 0 and i == 0:
+                    h = tensor_hash(x, y)
+                    for v in self.variants:
+                        v.first_batch_hash = h
+                group_start = i - i % accum
+                group = min(accum, n - group_start)  # a short last group at the epoch end
+                update = i + 1 == group_start + group
+                for v in self.variants:
+                    if not v.active:
+                        continue
+                    # drop-path/dropout: the same stream for every variant and every rerun
+                    torch.manual_seed(derive(cfg["training.seed"], "model", epoch, i, d.rank))
+                    v.micro_step(x, y, update=update, group=group)
+                    if update:
+                        v.optimizer_step(v.lr(epoch + (i + 1) / n))
+                del x, y
+                s["images"] += cfg["training.batch_size"]
+                bar.update(1)
+                self.updates_done += update
+                if update and i + 1 < n and self.updates_done % every == 0:
+                    s["wall_s"] = time.monotonic() - t_begin
+                    self.between_updates(epoch, i + 1, bar)
+        finally:
+            batches.close()
+            bar.close()
         s["wall_s"] = time.monotonic() - t_begin
-        s["lr"] = self.lr(epoch + 1)
-        return s
 
-    def optimizer_step(self, lr: float, bad: int) -> None:
-        """Apply one update, unless a loss in the group was non-finite on any rank."""
-        cfg = self.cfg
-        bad_anywhere = self.d.sum([float(bad)])[0]
-        if bad_anywhere:
-            self.optimizer.zero_grad(set_to_none=True)  # skip: gradients are poisoned
-            self.nonfinite += 1
-            if self.nonfinite >= cfg["training.max_nonfinite"]:
-                raise NonFiniteLoss(
-                    f"the loss was not finite for {self.nonfinite} consecutive updates (update "
-                    f"{self.updates}); stopping. The last good state is {self.last_pt} — lower "
-                    f"optim.lr, raise lr.warmup_epochs, set training.clip_grad or training.amp=bf16")
-            log.warning(f"non-finite loss at update {self.updates}: update skipped")
-            return
-        self.nonfinite = 0
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        if cfg["training.clip_grad"] > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg["training.clip_grad"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.updates += 1
-        if self.ema is not None and self.updates % cfg["ema.every"] == 0:
-            self.ema.update(self.model, step=self.updates)
-
-    def between_updates(self, epoch: int, step: int, s: dict, bar) -> None:
-        """Mid-epoch: honour a stop signal (all ranks agree) and the periodic checkpoint."""
+    def between_updates(self, epoch: int, step: int, bar) -> None:
+        """Every ``logging.every_steps`` updates: one agreement of all ranks on stopping and on the
+        periodic save, the loss read back for the progress bar, non-finite variants stopped."""
         minutes = self.cfg["checkpoint.every_minutes"]
         due = self.d.main and minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
-        stop, due = self.d.sum([float(self.stop.received is not None), float(due)])
+        stop, due = self.d.all_sum([float(self.stop.received is not None), float(due)])
+        self.check_nonfinite(epoch)
+        v = self.variants[0]
+        bar.set_postfix(loss=f"{float(v.loss_sum / v.loss_n.clamp(min=1)):.3f}", refresh=False)
         if stop or due:
-            self.save_last(epoch, step, s)
+            self.save_last(epoch, step)
         if stop:
-            bar.close()
             raise Preempted
 
+    def check_nonfinite(self, epoch: int) -> None:
+        """Stop each variant whose loss was non-finite for ``training.max_nonfinite`` updates in a row."""
+        for v in self.variants:
+            if v.active and float(v.consecutive_bad) >= v.cfg["training.max_nonfinite"]:
+                v.active = False
+                v.exit_reason = (f"non-finite loss for {int(v.consecutive_bad)} consecutive updates "
+                                 f"(update {v.updates}, epoch {epoch}); stopped; lower optim.lr, raise "
+                                 f"lr.warmup_epochs, set training.clip_grad or training.amp=bf16")
+                log.error(f"error: {v.name}: the loss was not finite for {int(v.consecutive_bad)} "
+                          f"consecutive updates; this variant stops, the others go on")
+                if self.d.main:
+                    v.folder.write_final(self.final(v, completed=False, ranks_in_sync=True))
+
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Top-1/top-5 (%) of the model and EMA over the whole val set (sums all-reduced)."""
+    def evaluate(self) -> dict[str, dict]:
+        """Top-1/top-5 (%) and loss of each active variant's model and EMA over the whole val set."""
         d = self.d
-        models = {"": self.model}
-        if self.ema is not None and self.cfg["ema.eval"]:
-            models["ema_"] = self.ema.module
-        for m in models.values():
+        models = []  # (variant, prefix, module)
+        for v in self.variants:
+            if not v.active:
+                continue
+            models.append((v, "raw_", v.model))
+            if v.ema is not None and v.cfg["ema.eval"]:
+                models.append((v, "ema_", v.ema.module))
+        for _, _, m in models:
             m.eval()
         k = min(5, self.cfg["model.num_classes"])
-        sums = [0.0] * (2 * len(models) + 1)  # [top1, top5] per model, then the image count
-        for images, labels in tqdm(self.val_loader, desc="eval", leave=False, dynamic_ncols=True,
-                                   disable=not (d.main and self.cfg["logging.progress"])):
-            x = normalize(images, self.mean, self.std, dtype=self.amp_dtype or torch.float32)
-            for j, m in enumerate(models.values()):
-                with torch.autocast(d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    top = m(x).topk(k, dim=1).indices  # (B, k)
+        sums = torch.zeros(3 * len(models) + 1, dtype=torch.float64, device=d.device)  # top1, top5, loss
+        amp = self.variants[0].amp_dtype
+        for x, labels in self.source.val():
+            for j, (v, _, m) in enumerate(models):
+                with torch.autocast(d.device.type, dtype=amp, enabled=amp is not None):
+                    logits = m(x)
+                top = logits.topk(k, dim=1).indices  # (B, k)
                 hit = top == labels[:, None]
-                sums[2 * j] += hit[:, 0].sum().item()
-                sums[2 * j + 1] += hit.any(dim=1).sum().item()
+                sums[3 * j] += hit[:, 0].sum()
+                sums[3 * j + 1] += hit.any(dim=1).sum()
+                sums[3 * j + 2] += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
             sums[-1] += len(labels)
-        sums = d.sum(sums)
-        self.model.train()
-        out = {}
-        for j, prefix in enumerate(models):
-            out[f"{prefix}top_1"] = 100 * sums[2 * j] / max(sums[-1], 1)
-            out[f"{prefix}top_5"] = 100 * sums[2 * j + 1] / max(sums[-1], 1)
-        out["val_images"] = int(sums[-1])  # summed over ranks: the val set's size, each image once
+        if d.world > 1:
+            dist.all_reduce(sums)
+        sums = sums.tolist()
+        out: dict[str, dict] = {}
+        for v in self.variants:
+            v.model.train()
+        for j, (v, prefix, m) in enumerate(models):
+            n = max(sums[-1], 1)
+            out.setdefault(v.name, {"val_images": int(sums[-1])}).update({
+                f"{prefix}top_1": 100 * sums[3 * j] / n, f"{prefix}top_5": 100 * sums[3 * j + 1] / n,
+                f"{prefix}loss": sums[3 * j + 2] / n})
         return out
 
-
-    # --------------------------------------------------------------------- logging and saving
-    def end_epoch(self, epoch: int, s: dict, metrics: dict, eval_s: float) -> None:
-        """Log the epoch's row, write best.pt on a new best, then last.pt and final.json."""
-        d, cfg = self.d, self.cfg
+    # ------------------------------------------------------------------ logging and saving
+    def end_epoch(self, epoch: int, metrics: dict, eval_s: float) -> None:
+        """Per variant: log the row (EMA first, as timm), best.pt on a new best, last.pt, final.json."""
+        d, cfg, s = self.d, self.cfg, self.epoch_stats
+        self.check_nonfinite(epoch)
         r = lambda v, digits: None if v is None else round(v, digits)  # noqa: E731 — readable logs
-        row = {"epoch": epoch, "train_loss": r(s["loss_sum"] / max(s["loss_n"], 1), 5),
-               "top_1": r(metrics.get("top_1"), 3), "top_5": r(metrics.get("top_5"), 3),
-               "ema_top_1": r(metrics.get("ema_top_1"), 3), "ema_top_5": r(metrics.get("ema_top_5"), 3),
-               "val_images": metrics.get("val_images"),
-               "lr": s["lr"], "res": train_res(self.cfg, epoch), "updates": self.updates,
-               "epoch_time_s": r(s["wall_s"] + eval_s, 3), "train_time_s": r(s["step_s"], 3),
-               "train_img_s": r(s["images"] * d.world / max(s["step_s"], 1e-9), 1),
-               "data_wait_frac": r(s["wait_s"] / max(s["step_s"], 1e-9), 4),
-               "peak_mem_mb": r(peak_mem_mb(d.device), 1)}
+        in_sync = self.ranks_in_sync()
+        completed = epoch + 1 == cfg["training.epochs"]
+        for v in self.variants:
+            if not v.active and v.exit_reason:
+                continue
+            m = metrics.get(v.name, {})
+            head = "ema_" if "ema_top_1" in m else "raw_"
+            loss_sum, loss_n = d.all_sum([float(v.loss_sum), float(v.loss_n)])
+            row = {"epoch": epoch, "train_loss": r(loss_sum / max(loss_n, 1), 5),
+                   "eval_loss": r(m.get(f"{head}loss"), 5), "eval_top1": r(m.get(f"{head}top_1"), 3),
+                   "eval_top5": r(m.get(f"{head}top_5"), 3), "lr": v.lr_sum / max(v.lr_n, 1),
+                   **{f"{p}{k}": r(m.get(f"{p}{k}"), 5 if k == "loss" else 3)
+                      for p in ("raw_", "ema_") for k in ("top_1", "top_5", "loss")},
+                   "val_images": m.get("val_images"), "res": train_res(cfg, epoch), "updates": v.updates,
+                   "epoch_time_s": r(s["wall_s"] + eval_s, 3), "train_time_s": r(s["wall_s"], 3),
+                   "train_img_s": r(s["images"] * d.world / max(s["wall_s"], 1e-9), 1),
+                   "data_wait_frac": r(s["wait_s"] / max(s["wall_s"], 1e-9), 4),
+                   "peak_mem_mb": r(peak_mem_mb(d.device), 1),
+                   "weights_hash": weights_hash(v.model.state_dict())}
+            v.rows.append(row)
+            fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+            log.info(f"{v.name} epoch {epoch}: loss {row['train_loss']:.4f} top-1 {fmt(row['eval_top1'], '.2f')}"
+                     f"{' (EMA)' if head == 'ema_' else ''} raw {fmt(row['raw_top_1'], '.2f')} "
+                     f"lr {row['lr']:.2e} {row['train_img_s']:.0f} img/s wait {row['data_wait_frac']:.1%} "
+                     f"{row['epoch_time_s']:.1f} s")
+            top1 = row["eval_top1"]
+            if top1 is not None and (v.best is None or top1 > v.best):
+                v.best = top1
+                if cfg["checkpoint.save_best"]:
+                    self.save(v.folder.best_pt, lambda v=v: {
+                        "format": 2, "model": v.model.state_dict(), "epoch": epoch, "top_1": top1,
+                        "headline": head.rstrip("_"),
+                        "ema": None if v.ema is None else v.ema.state_dict(), "config": v.cfg})
+            if completed:
+                v.exit_reason = "completed"
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
-        if d.main:
-            self.rows.append(row)
-            write_rows(self.folder, self.rows)
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        log.info(f"epoch {epoch}: loss {row['train_loss']:.4f} top-1 {fmt(row['top_1'], '.2f')} "
-                 f"ema {fmt(row['ema_top_1'], '.2f')} lr {row['lr']:.2e} {row['train_img_s']:.0f} img/s "
-                 f"wait {row['data_wait_frac']:.1%} {row['epoch_time_s']:.1f} s")
-        top1 = row["top_1"]
-        if top1 is not None and (self.best is None or top1 > self.best):
-            self.best = top1
-            if cfg["checkpoint.save_best"]:
-                self.save(self.best_pt, lambda: {
-                    "format": 1, "model": self.model.state_dict(), "epoch": epoch, "top_1": top1,
-                    "ema": None if self.ema is None else self.ema.state_dict(), "config": cfg})
-        in_sync = self.ranks_in_sync()
         if not in_sync:
             log.warning(f"epoch {epoch}: ranks hold different weights")
-        final = self.final(completed=epoch + 1 == cfg["training.epochs"], ranks_in_sync=in_sync)
-        self.save_last(epoch + 1, 0, {}, final)
-        if d.main:
-            dump_json(final, self.folder / "final.json")
+        self.save_last(epoch + 1, 0, completed=completed, in_sync=in_sync)
 
-    def save_last(self, epoch: int, step: int, epoch_stats: dict, final: dict | None = None) -> None:
-        """Write ``last.pt``: resume at ``epoch``, after ``step`` micro-batches of it."""
-        rngs = [None] * self.d.world
-        if self.d.world > 1:
-            dist.all_gather_object(rngs, ckpt.rng_state())
-        else:
-            rngs = [ckpt.rng_state()]
-        self.save(self.last_pt, lambda: {
-            "format": 1, "model": self.model.state_dict(),
-            "ema": None if self.ema is None else self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": epoch, "step_in_epoch": step, "updates": self.updates, "rng": rngs,
-            "config": self.cfg, "world_size": self.d.world, "elapsed_s": self.elapsed(),
-            "epoch_stats": dict(epoch_stats), "best": self.best, "final": final})
+    def save_last(self, epoch: int, step: int, completed: bool = False, in_sync: bool = True) -> None:
+        """Write every active variant's ``last.pt`` at (``epoch``, ``step``), then their final.json.
+
+        Paired: each old last.pt becomes prev.pt first; prev.pt files are deleted once all are
+        written, so kill -9 mid-way leaves every variant able to go back to one common position."""
+        d = self.d
+        live = [v for v in self.variants if v.active or not v.saved_final]
+        paired = len(live) > 1
+        for v in live:
+            if paired and d.main and v.folder.last_pt.is_file():
+                os.replace(v.folder.last_pt, v.folder.prev_pt)
+            self.save(v.folder.last_pt, lambda v=v: v.state(epoch, step, self))
+        if d.main:
+            for v in live:
+                v.folder.prev_pt.unlink(missing_ok=True)
+                v.folder.write_rows(v.rows)
+                v.folder.write_final(self.final(v, completed=completed, ranks_in_sync=in_sync))
+        for v in live:
+            v.saved_final = not v.active or v.exit_reason == "completed"
         self.last_save = time.monotonic()
         if step:
-            log.info(f"saved {self.last_pt.name} at epoch {epoch} step {step}")
+            log.info(f"saved last.pt at epoch {epoch} step {step}")
 
     def save(self, path: Path, make_state) -> None:
         """Rank 0 writes ``make_state()`` atomically; every rank learns whether it worked."""
@@ -700,44 +1021,51 @@ class Trainer:
                 ckpt.save(make_state(), path)
             except ckpt.CheckpointError as e:
                 error = e
-        if self.d.sum([float(error is not None)])[0]:
+        if self.d.all_sum([float(error is not None)])[0]:
             raise error or ckpt.CheckpointError(f"rank 0 could not write {path}")
 
     def ranks_in_sync(self) -> bool:
         """True when every rank holds bit-identical weights (per-tensor sums agree exactly)."""
         if self.d.world == 1:
             return True
-        sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()]
-                           + [p.detach().double().abs().sum() for p in self.model.parameters()])
+        params = [p for v in self.variants for p in v.model.parameters()]
+        sums = torch.stack([p.detach().double().sum() for p in params]
+                           + [p.detach().double().abs().sum() for p in params])
         lo, hi = sums.clone(), sums.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         return bool(torch.equal(lo, hi))
 
-    def elapsed(self) -> float:
-        """Wall seconds spent in this experiment over all runs that resumed it."""
-        return self.elapsed_before + time.monotonic() - self.t_start
+    def elapsed(self, v: Variant) -> float:
+        """Wall seconds spent on this run over all the processes that resumed it."""
+        return v.elapsed_before + time.monotonic() - self.t_start
 
-    def final(self, completed: bool, ranks_in_sync: bool) -> dict:
-        """The ``final.json`` summary (contract keys first) from the rows logged so far."""
-        cfg, rows = self.cfg, self.rows
-        top1 = [r["top_1"] for r in rows if r["top_1"] is not None]
-        ema1 = [r["ema_top_1"] for r in rows if r["ema_top_1"] is not None]
+    def final(self, v: Variant, completed: bool, ranks_in_sync: bool) -> dict:
+        """The ``final.json`` summary: headline top-1 (EMA's when EMA is evaluated), raw next to it."""
+        cfg, rows = v.cfg, v.rows
+        col = lambda k: [r[k] for r in rows if r.get(k) is not None]  # noqa: E731
+        head, raw, ema = col("eval_top1"), col("raw_top_1"), col("ema_top_1")
         train_s = sum(r["train_time_s"] for r in rows)
-        return {"experiment": self.folder.name, "strategy": cfg["reduction.strategy"],
-                "arch": cfg["model.arch"], "img_size": cfg["model.img_size"],
-                "epochs": cfg["training.epochs"], **self.model_stats,
-                "best_top_1": max(top1, default=None), "final_top_1": top1[-1] if top1 else None,
-                "best_ema_top_1": max(ema1, default=None), "final_ema_top_1": ema1[-1] if ema1 else None,
-                "total_time_s": self.elapsed(),
-                "train_img_s": sum(r["train_img_s"] * r["train_time_s"] for r in rows) / max(train_s, 1e-9),
-                "data_wait_frac": sum(r["data_wait_frac"] * r["train_time_s"] for r in rows) / max(train_s, 1e-9),
-                "completed": completed, "epochs_done": len(rows), "updates": self.updates,
-                "world_size": self.d.world, "global_batch": self.global_batch,
-                "ranks_in_sync": ranks_in_sync}
+        weighted = lambda k: sum(r[k] * r["train_time_s"] for r in rows) / max(train_s, 1e-9)  # noqa: E731
+        reason = v.exit_reason or ("completed" if completed else "running")
+        return {"experiment": v.name, "strategy": cfg["reduction.strategy"], "arch": cfg["model.arch"],
+                "img_size": cfg["model.img_size"], "epochs": cfg["training.epochs"], **v.stats,
+                "top_1": head[-1] if head else None, "best_top_1": max(head, default=None),
+                "final_top_1": head[-1] if head else None,
+                "headline": "ema" if ema and cfg["ema.eval"] else "raw",
+                "raw_best_top_1": max(raw, default=None), "raw_final_top_1": raw[-1] if raw else None,
+                "best_ema_top_1": max(ema, default=None), "final_ema_top_1": ema[-1] if ema else None,
+                "total_time_s": self.elapsed(v), "train_img_s": weighted("train_img_s"),
+                "data_wait_frac": weighted("data_wait_frac"),
+                "completed": completed and reason == "completed", "exit_reason": reason,
+                "weights_hash": rows[-1]["weights_hash"] if rows else None,
+                "first_batch_hash": v.first_batch_hash, "epochs_done": len(rows), "updates": v.updates,
+                "world_size": self.d.world, **{k: self.plan[k] for k in ("global_batch", "accum", "per_gpu_batch")},
+                "peak_lr": v.plan["peak_lr"], "startup_s": getattr(self, "startup_s", None),
+                "ranks_in_sync": ranks_in_sync, "paired_with": [w.name for w in self.variants if w is not v]}
 
 
-# ----------------------------------------------------------------------------- entry point
+# ----------------------------------------------------------------------------- checks
 def train_resolutions(cfg: dict) -> set[int]:
     """Every train resolution of the ``resolution.*`` schedule over ``training.epochs``."""
     try:
@@ -763,8 +1091,8 @@ def check_resolutions(cfg: dict, patch_size) -> None:
 
 
 def check_inputs(cfg: dict) -> None:
-    """User errors worth catching before any work: missing datasets, CUDA asked for but absent,
-    an impossible resolution schedule."""
+    """User errors worth catching before any work: missing or damaged datasets, labels beyond
+    ``model.num_classes``, CUDA asked for but absent, an impossible resolution schedule."""
     train_resolutions(cfg)
     try:
         if cfg["data.val_dataset"]:
@@ -778,43 +1106,253 @@ def check_inputs(cfg: dict) -> None:
         # why here: a label >= num_classes would crash the first step (a device assert on CUDA)
         raise ConfigError(f"model.num_classes={cfg['model.num_classes']}, but {cfg['data.train_dataset']} "
                           f"has {len(classes)} classes (its .classes.json)")
+    for key in ("data.train_dataset", "data.val_dataset"):
+        if cfg[key]:
+            verify_beton(cfg[key])  # header, tables, page boundaries: a damaged file is refused here
+            lo, hi, _ = label_range(cfg[key])  # from the file itself (.classes.json may be missing)
+            if lo < 0 or hi >= cfg["model.num_classes"]:
+                raise ConfigError(f"{key}: {cfg[key]} holds labels {lo}..{hi}, but model.num_classes="
+                                  f"{cfg['model.num_classes']} (labels must be 0..num_classes-1)")
     if cfg["training.device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device=cuda, but torch sees no CUDA device")
 
 
-def main(argv: list[str]) -> int:
-    """Parse ``argv`` (``--config FILE`` ... ``--section.key=value`` ...), train, return the exit
-    code: 0 done (or already complete), 1 crash / non-finite loss / unwritable checkpoint,
-    2 configuration or user error, 124 preempted by SIGTERM/SIGUSR1 after writing ``last.pt``."""
+def check_pairable(cfgs: list[dict], names: list[str]) -> None:
+    """``ConfigError`` naming every key that differs between paired configs but shapes the batches."""
+    base = cfgs[0]
+    problems = []
+    for c, name in zip(cfgs[1:], names[1:]):
+        diff = [k for k in sorted(set(base) | set(c)) if base.get(k) != c.get(k)
+                and (not k.startswith(PER_VARIANT) or k in SHARED_MODEL_KEYS)]
+        if diff:
+            problems.append(f"{name} vs {names[0]}: " + ", ".join(f"{k} ({base.get(k)!r} vs {c.get(k)!r})"
+                                                                 for k in diff))
+    if len(set(names)) != len(names):
+        problems.append(f"two variants would share a run folder: {names} (set logging.experiment)")
+    if problems:
+        raise ConfigError("these configs cannot be paired: they must agree on everything that shapes "
+                          "the batches (data, resolution, augmentation, batch sizes, epochs, seed, "
+                          "device, AMP, logging folder):\n  " + "\n  ".join(problems))
+
+
+def experiment_name(cfg: dict, config_files: list[str]) -> str:
+    name = cfg["logging.experiment"] or (Path(config_files[-1]).stem if config_files else cfg["reduction.strategy"])
+    return check_experiment_name(name)
+
+
+# ----------------------------------------------------------------------------- entry point
+def split_argv(argv: list[str]) -> tuple[list[list[str]], dict]:
+    """Split the command line into one argv per variant (``--pair-with B.yaml C.yaml`` adds
+    variants; other arguments apply to all) and the options of this entry point."""
+    opts = {"dry_run": False, "world_size": None}
+    shared, first, others, i = [], [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--dry-run":
+            opts["dry_run"] = True
+        elif a.startswith("--world-size"):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 0 if "=" in a else 1
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--world-size needs a positive integer, got {value!r}")
+            opts["world_size"] = int(value)
+        elif a == "--pair-with":
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                others.append(argv[i])
+                i += 1
+            if not others:
+                raise ConfigError("--pair-with needs one or more config files")
+            continue
+        elif a in ("--config", "-C") and i + 1 < len(argv):
+            first += [a, argv[i + 1]]
+            i += 1
+        elif a.startswith("--config="):
+            first.append(a)
+        else:
+            shared.append(a)
+        i += 1
+    variants = [first + shared] + [["--config", f] + shared for f in others]
+    return variants, opts
+
+
+def config_files(argv: list[str]) -> list[str]:
+    out = []
+    for i, a in enumerate(argv):
+        if a in ("--config", "-C") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif a.startswith("--config="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def print_plan(cfgs: list[dict], names: list[str], world: int) -> None:
+    """``--dry-run``: the resolved plan of every variant as a table and as JSON."""
+    from .models import mlp_stats as stats_of
+    cfg = cfgs[0]
+    p = batch_plan(cfg, world)
+    try:
+        n = check_beton(cfg["data.train_dataset"]) if cfg["data.train_dataset"] else None
+    except ConfigError:
+        n = None
+    upe = math.ceil(batches_per_epoch(cfg, world, n) / p["accum"]) if n else None
+    store = stored_size(cfg["data.train_dataset"]) if n else None
+    plans = []
+    for c, name in zip(cfgs, names):
+        vp = batch_plan(c, world)
+        with torch.device("meta"):  # shapes only: ViT-B's parameters counted without allocating them
+            model = model_from_cfg(c)
+        plans.append({"experiment": name, **vp, "updates_per_epoch": upe, "epochs": c["training.epochs"],
+                      "train_images": n, "stored_long_side_px": store and store["median_long_side"],
+                      "stored_short_side_px": store and store["median_short_side"],
+                      "train_res_px": sorted(train_resolutions(c)),
+                      "val_res_px": c["validation.resolution"] or c["model.img_size"],
+                      "strategy": c["reduction.strategy"], "arch": c["model.arch"],
+                      "params": stats_of(model)["params"], "weight_decay": c["optim.weight_decay"],
+                      "warmup_epochs": c["lr.warmup_epochs"], "drop_path": c["model.drop_path"],
+                      "ema_decay": c["ema.decay"], "randaugment": c["augment.randaugment"],
+                      "mixup": c["augment.mixup"], "cutmix": c["augment.cutmix"], "reprob": c["augment.reprob"],
+                      "aug_repeats": c["augment.aug_repeats"], "amp": c["training.amp"],
+                      "knobs": {f"reduction.{k}": c[f"reduction.{k}"]
+                                for k in getattr(STRATEGIES.get(c["reduction.strategy"]), "knobs", {})}})
+    keys = ["world", "per_gpu_batch", "accum", "global_batch", "peak_lr", "updates_per_epoch", "epochs",
+            "train_images", "stored_long_side_px", "train_res_px", "val_res_px", "strategy", "params"]
+    width = max(map(len, keys))
+    print(f"{'':{width}}  " + "  ".join(f"{pl['experiment']:>16}" for pl in plans))
+    cell = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    for k in keys:
+        print(f"{k:{width}}  " + "  ".join(f"{cell(pl[k]):>16}" for pl in plans))
+    print("plan (JSON):")
+    print(json.dumps(plans, indent=1, default=str))
+
+
+def prepare_folder(f: RunFolder, cfg: dict) -> bool:
+    """Rank 0: create and lock the run folder; False when there is nothing to train in it
+    (finished with the same config, or stopped on a non-finite loss)."""
+    f.create()
+    warning = f.lock()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    ckpt.clean_stale_tmp(f.path)
+    final = f.read_final() or {}
+    if final.get("completed"):
+        diff = config_changes((f.read_params() or {}).get("config", cfg), cfg)
+        if diff:
+            raise ConfigError(f"{f.path} is a finished run with a different configuration; use another "
+                              "logging.experiment or restore:\n  " + "\n  ".join(diff))
+        print(f"{f.path} is already complete ({cfg['training.epochs']} epochs); nothing to do")
+        return False
+    if str(final.get("exit_reason", "")).startswith("non-finite"):
+        print(f"{f.path} stopped on a non-finite loss; skipping it (delete the folder to train it again)")
+        return False
+    return True
+
+
+def broadcast(d: Dist, values: list[bool]) -> list[bool]:
+    """Rank 0's list of flags, on every rank."""
+    if d.world == 1:
+        return values
+    box = [values]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resolve_variants(argv: list[str]) -> list[tuple[dict, str]]:
+    """(resolved config, run folder name) of every variant the command line asks for, checked to
+    be pairable; ``ConfigError`` naming the problem otherwise. ``sweep`` uses it too."""
+    argvs, _ = split_argv(argv)
+    out = []
+    for a in argvs:
+        load_config(a, SECTIONS)
+        cfg = resolved(SECTIONS)
+        out.append((cfg, experiment_name(cfg, config_files(a))))
+    check_pairable([c for c, _ in out], [n for _, n in out])
+    return out
+
+
+def main(argv: list[str], source_factory=None) -> int:
+    """Parse ``argv`` (``--config FILE`` ... ``--pair-with B.yaml ...`` ``--section.key=value`` ...),
+    train, return the exit code: 0 done (or already complete), 1 crash / non-finite loss in every
+    variant / unwritable checkpoint / dead loader, 2 configuration or user error, 124 preempted.
+
+    ``source_factory(cfg, device, mean, std)`` replaces the FFCV data source (``bench e2e`` runs
+    timm's own loader through the same loop)."""
     rank0 = int(os.environ.get("RANK", 0)) == 0
+
+    def fail(msg, code=EXIT_USER):
+        if rank0:
+            print(f"error: {msg}", file=sys.stderr)
+        return code
+
     if {"-h", "--help"} & set(argv):
         print(__doc__)
         for key, p in sorted(declared_keys(SECTIONS).items()):
             print(f"  --{key}={p.default!r}  {p.desc} [{p.checker.help()}]")
         return EXIT_OK
     try:
-        load_config(argv, SECTIONS)
-        cfg = resolved(SECTIONS)
-        check_inputs(cfg)
-    except ConfigError as e:
-        if rank0:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER
-    try:
-        return Trainer(cfg, argv).run()
+        _, opts = split_argv(argv)
+        cfgs, names = map(list, zip(*resolve_variants(argv)))
+        world = opts["world_size"] or int(os.environ.get("WORLD_SIZE", 1))
+        for c in cfgs:
+            batch_plan(c, world)
+        if opts["dry_run"]:
+            print_plan(cfgs, names, world)
+            return EXIT_OK
+        if source_factory is None:
+            check_inputs(cfgs[0])
     except (ConfigError, StrategyError) as e:
+        return fail(e)
+    d = None
+    folders: list[RunFolder] = []
+    try:
+        d = Dist(cfgs[0]["training.device"])
+        folders = [RunFolder(Path(c["logging.folder"]) / n) for c, n in zip(cfgs, names)]
+        # rank 0 alone looks at the folders; all ranks then act on the same verdicts
+        verdicts, error = [], None
+        if d.main:
+            try:
+                verdicts = [prepare_folder(f, c) for c, f in zip(cfgs, folders)]
+            except (ConfigError, RunFolderError) as e:
+                error = e
+        if d.all_sum([float(error is not None)])[0]:
+            raise error or ConfigError("rank 0 refused the run folder (its message is above)")
+        verdicts = broadcast(d, verdicts)
+        todo = [(c, f) for c, f, ok in zip(cfgs, folders, verdicts) if ok]
+        if not todo:
+            return EXIT_OK
+        cfgs = [c for c, _ in todo]
+        folders = [f for _, f in todo]
+        setup_logging([f.path for f in folders] if d.main else None)
+        trainer = Trainer(cfgs, argv, d, folders, source_factory)
+        if d.main:
+            for v in trainer.variants:
+                info = run_info(v.cfg, argv, d.world)
+                info["pair"] = {"variants": [f.name for f in folders], "baseline": folders[0].name} \
+                    if len(folders) > 1 else None
+                info["plan"] = v.plan
+                v.folder.write_params(info)
+            for w in resolution_warnings(cfgs[0], trainer.variants[0].crop_pct,
+                                         stored_size(cfgs[0]["data.train_dataset"]) if source_factory is None else None,
+                                         stored_size(cfgs[0]["data.val_dataset"]) if source_factory is None and cfgs[0]["data.val_dataset"] else None):
+                log.warning(f"warning: {w}")
+        trainer.startup_s = round(process_age(), 2)
+        return trainer.run()
+    except (ConfigError, StrategyError, RunFolderError) as e:
+        return fail(e)
+    except ckpt.CheckpointError as e:  # every rank raises these together
         if rank0:
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER
-    except (NonFiniteLoss, ckpt.CheckpointError) as e:  # every rank raises these together
-        if rank0:
-            log.error(f"error: {e}")  # into train.log too
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_CRASH
-    except Exception:
+            log.error(f"error: {e}")
+        return fail(e, EXIT_CRASH)
+    except Exception as e:
+        if type(e).__name__ == "LoaderError":
+            if rank0:
+                log.error(f"error: {e}")
+            return fail(e, EXIT_CRASH)
         log.exception("training crashed")
         raise
     finally:
+        for f in folders:
+            f.unlock()
         close_logging()
         if dist.is_initialized():
             dist.destroy_process_group()

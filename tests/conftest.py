@@ -69,3 +69,39 @@ def no_jit():
     Compiler.set_enabled(False)
     yield
     Compiler.set_enabled(before)
+
+
+TINY_TRAIN_YAML = """\
+base: {base}
+data: {{train_dataset: {train}, val_dataset: {val}, num_workers: 1, batches_ahead: 1}}
+resolution: {{min_res: 32, max_res: 32, step: 8}}
+model: {{arch: test_vit, num_classes: 4, img_size: 32, patch_size: 8}}
+augment: {{randaugment: '', mixup: 0, cutmix: 0, reprob: 0, aug_repeats: 1}}
+training: {{epochs: 2, batch_size: 8, global_batch: 0, amp: 'off', device: cpu}}
+lr: {{warmup_epochs: 0.25}}
+ema: {{decay: 0.9}}
+validation: {{batch_size: 16}}
+logging: {{folder: {runs}, progress: 0}}
+checkpoint: {{every_minutes: 0}}
+"""
+# the seed's augmentation, for runs that check plumbing rather than a falling loss
+SEED_AUGMENT = ["--augment.randaugment=rand-m9-mstd0.5-inc1", "--augment.mixup=0.8", "--augment.cutmix=1.0",
+                "--augment.reprob=0.25", "--augment.aug_repeats=3"]
+
+
+def write_tiny_config(folder, name: str = "tiny.yaml", train_n: int = 64, **extra_yaml) -> str:
+    """A trainer YAML on the repo's base recipe, shrunk to timm's ``test_vit`` at 32 px on tiny
+    .beton files (``train_n`` train / 24 val images, 4 classes) in ``folder``; returns its path.
+    ``extra_yaml``: more top-level YAML text per section name, e.g. reduction="{strategy: thin}"."""
+    from pathlib import Path
+    folder = Path(folder)
+    train = folder / "train.beton"
+    if not train.exists():
+        write_beton(train, n=train_n, size=40)
+        write_beton(folder / "val.beton", n=24, size=40, seed=1)
+    base = Path(__file__).resolve().parent.parent / "rn_configs" / "base.yaml"
+    text = TINY_TRAIN_YAML.format(base=base, train=train, val=folder / "val.beton", runs=folder / "runs")
+    text += "".join(f"{k}: {v}\n" for k, v in extra_yaml.items())
+    path = folder / name
+    path.write_text(text)
+    return str(path)

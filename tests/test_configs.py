@@ -8,9 +8,9 @@ import pytest
 import torch
 from fastargs import get_current_config
 
-from fastvit_reduce.config import load_config
+from fastvit_reduce.config import load_config, resolved
 from fastvit_reduce.models import model_from_config, param_count
-from fastvit_reduce.trainer import SECTIONS
+from fastvit_reduce.trainer import SECTIONS, batch_plan
 
 CONFIGS = Path(__file__).resolve().parent.parent / "rn_configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
@@ -36,7 +36,8 @@ def test_strategy_file_header_and_expected_params(name):
     load_config(["--config", str(path)], SECTIONS)
     cfg = get_current_config()
     assert cfg["reduction.strategy"] == name and cfg["training.epochs"] == 300
-    assert cfg["training.batch_size"] * cfg["training.grad_accum_steps"] * 2 == 1024  # on 2 GPUs
+    plan = batch_plan(resolved(SECTIONS), world=2)
+    assert (plan["global_batch"], plan["per_gpu_batch"], plan["accum"]) == (1024, 256, 2)  # the seed's 2 GPUs
     expected = int(re.search(r"Expected params: ([\d,]+) exactly", text).group(1).replace(",", ""))
     with torch.device("meta"):  # shapes only: ViT-B without allocating 86M parameters
         model = model_from_config()

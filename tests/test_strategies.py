@@ -195,25 +195,6 @@ def test_grouped_scales_the_kept_mlp_and_trailing_blocks_keep_their_own(caplog):
     assert torch.equal(blocks[4].mlp.fc1.weight, base.blocks[4].mlp.fc1.weight)  # trailing: untouched
 
 
-@pytest.mark.parametrize("ckpt_format", ["ours", "timm"])
-def test_shallow_from_checkpoint(ckpt_format, tmp_path):
-    trained = tiny(seed=7)
-    state = trained.state_dict()
-    torch.save({"model": state, "epoch": 3} if ckpt_format == "ours" else state, tmp_path / "base.pt")
-    model = create_model(NAME, "shallow", checkpoint=tmp_path / "base.pt", keep_ratio=0.5, **TINY)
-    expected = STRATEGIES["shallow"].apply(copy.deepcopy(trained), keep_ratio=0.5)
-    assert torch.equal(model.blocks[0].mlp.fc1.weight, expected.blocks[0].mlp.fc1.weight)
-    assert torch.equal(model.pos_embed, trained.pos_embed)
-
-
-def test_checkpoint_errors(tmp_path):
-    with pytest.raises(StrategyError, match="checkpoint not found"):
-        create_model(NAME, "shallow", checkpoint=tmp_path / "nope.pt", **TINY)
-    torch.save(tiny().state_dict(), tmp_path / "base.pt")
-    with pytest.raises(StrategyError, match="does not fit"):
-        create_model(NAME, "thin", checkpoint=tmp_path / "base.pt", **TINY)
-
-
 @pytest.mark.parametrize("strategy, knobs, message", [
     ("thin", dict(mlp_ratio=0), r"thin: mlp_ratio must be a number > 0, got 0"),
     ("thin", dict(mlp_ratio=4.0), r"hidden width 256, which .* already has: nothing would change"),
