@@ -5,7 +5,8 @@ knobs and ``log.jsonl`` for runs that stopped before ``final.json``) and writes 
 (default: the common parent of the runs):
 
     sweep_summary.csv   one row per run, raw numbers (params, seconds, fractions)
-    sweep_summary.md    the same as a Markdown table (also printed)
+    sweep_summary.md    the same as a Markdown table (also printed), then for paired runs the
+                        per-epoch differences of each variant from the pair's baseline
     sweep_summary.png   top-1 vs parameters and top-1 vs wall-clock, one labelled point per run
 
 A RUN_DIR without ``final.json`` or ``log.jsonl`` whose sub-folders are runs (a sweep's
@@ -22,14 +23,14 @@ import os
 import sys
 from pathlib import Path
 
+from fastvit_reduce import runs
+
 # CSV columns, in order; the Markdown table shows a readable subset (MD_COLUMNS).
 CSV_COLUMNS = ["experiment", "strategy", "knobs", "params", "mlp_params", "gflops", "img_size",
-               "epochs", "epochs_done", "best_top_1", "final_top_1", "best_ema_top_1", "final_ema_top_1",
-               "total_time_s", "train_img_s", "data_wait_frac", "status", "run_dir", "log"]
-
-# strategy -> the reduction.* knobs that describe it (see fastvit_reduce.models)
-KNOBS = {"thin": ["mlp_ratio"], "shallow": ["keep_ratio", "prune_by"],
-         "grouped": ["scale", "group_size"]}
+               "epochs", "epochs_done", "top_1", "headline", "best_top_1", "final_top_1",
+               "raw_best_top_1", "raw_final_top_1", "best_ema_top_1", "final_ema_top_1",
+               "total_time_s", "train_img_s", "data_wait_frac", "exit_reason", "weights_hash",
+               "paired_with", "status", "run_dir", "log"]
 
 
 class ReportError(ValueError):
@@ -41,42 +42,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"{path}: cannot read JSON ({e})") from None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # why: a run killed mid-write can leave a torn last line
-    return rows
-
-
-def _lookup(params: dict, key: str):
-    """``params['reduction.mlp_ratio']`` whether params.json is flat, nested, or under 'config'."""
-    for tree in (params, params.get("config", {}), params.get("resolved", {})):
-        if not isinstance(tree, dict):
-            continue
-        if key in tree:
-            return tree[key]
-        node = tree
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-    return None
-
-
-def knob_label(strategy: str | None, params: dict) -> str:
-    """``'mlp_ratio=2.0'`` for a thin run, etc.; '' for baseline or unknown params."""
-    parts = []
-    for knob in KNOBS.get(strategy or "", []):
-        value = _lookup(params, f"reduction.{knob}")
-        if value is not None:
-            parts.append(f"{knob}={value}")
-    return " ".join(parts)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -107,35 +72,73 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_run(run_dir: str | Path) -> dict:
-    """One summary row (keys of ``CSV_COLUMNS``) from a run folder.
+    """One summary row (keys of ``CSV_COLUMNS``) from a run folder (read by ``runs.read_run``).
 
     With ``final.json`` the numbers are the trainer's own; without it (a run still going, or
     killed) the best/last top-1 so far come from ``log.jsonl`` and status says 'incomplete'.
     """
-    run_dir = Path(run_dir)
-    final_path = run_dir / "final.json"
-    final = _read_json(final_path) if final_path.is_file() else {}
-    params = _read_json(run_dir / "params.json") if (run_dir / "params.json").is_file() else {}
-    log = _read_jsonl(run_dir / "log.jsonl")
+    try:
+        run = runs.read_run(run_dir)
+    except runs.RunFolderError as e:
+        raise ReportError(str(e)) from None
+    final, log = run["final"], run["rows"]
     if not final and not log:
         raise ReportError(f"{run_dir}: no final.json and no epochs in log.jsonl")
     row = {c: None for c in CSV_COLUMNS}
     row.update({k: v for k, v in final.items() if k in row})
-    row["experiment"] = row["experiment"] or run_dir.name
-    row["strategy"] = row["strategy"] or _lookup(params, "reduction.strategy")
-    row["knobs"] = knob_label(row["strategy"], params)
+    row["experiment"] = row["experiment"] or Path(run_dir).name
+    row["strategy"], row["knobs"] = row["strategy"] or run["strategy"], run["knobs"]
+    row["paired_with"] = " ".join(final.get("paired_with") or [])
     if not final:  # only the per-epoch log: summarise what is there
-        top1 = [r["top_1"] for r in log if r.get("top_1") is not None]
+        head = [r["eval_top1"] for r in log if r.get("eval_top1") is not None]
         ema = [r["ema_top_1"] for r in log if r.get("ema_top_1") is not None]
-        row.update(epochs_done=len(log), best_top_1=max(top1, default=None),
-                   final_top_1=top1[-1] if top1 else None, best_ema_top_1=max(ema, default=None),
+        row.update(epochs_done=len(log), top_1=head[-1] if head else None, best_top_1=max(head, default=None),
+                   final_top_1=head[-1] if head else None, best_ema_top_1=max(ema, default=None),
                    final_ema_top_1=ema[-1] if ema else None,
                    total_time_s=sum(r.get("epoch_time_s") or 0 for r in log))
-    row["status"] = "done" if final.get("completed") else "incomplete"
+    row["status"] = "done" if final.get("completed") else (final.get("exit_reason") or "incomplete")
+    if row["status"] == "running":
+        row["status"] = "incomplete"
     row["run_dir"] = str(run_dir)
-    train_log = run_dir / "train.log"
+    train_log = Path(run_dir) / "train.log"
     row["log"] = str(train_log) if train_log.is_file() else ""
+    row["_rows"], row["_pair"] = log, run["pair"]
     return row
+
+
+def paired_differences(rows: list[dict]) -> str:
+    """Per paired group: each variant's top-1 and train loss minus its baseline's, per epoch.
+
+    The baseline of a group is the first config of the paired command (``params.json`` pair)."""
+    by_name = {r["experiment"]: r for r in rows}
+    groups, out = [], []
+    for r in rows:
+        pair = r.get("_pair")
+        if pair and pair.get("variants") and tuple(pair["variants"]) not in groups:
+            groups.append(tuple(pair["variants"]))
+    for group in groups:
+        base = by_name.get(group[0])
+        others = [by_name[n] for n in group[1:] if n in by_name]
+        if base is None or not others:
+            continue
+        base_rows = {x["epoch"]: x for x in base["_rows"]}
+        out.append(f"\npaired differences vs {base['experiment']} (same batches; top-1 in points, "
+                   f"headline = {base.get('headline') or 'raw'} model; train loss):\n")
+        head = ["epoch"] + [f"{o['experiment']} Δtop-1" for o in others] + [f"{o['experiment']} Δloss" for o in others]
+        lines = [head]
+        for e in sorted(base_rows):
+            cells = [str(e)]
+            for key, fmt in (("eval_top1", "+.2f"), ("train_loss", "+.4f")):
+                for o in others:
+                    mine = {x["epoch"]: x for x in o["_rows"]}.get(e, {})
+                    a, b = mine.get(key), base_rows[e].get(key)
+                    cells.append("–" if a is None or b is None else format(a - b, fmt))
+            lines.append(cells)
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        out += ["| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |" for line in lines[:1]]
+        out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        out += ["| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |" for line in lines[1:]]
+    return "\n".join(out) + ("\n" if out else "")
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -173,8 +176,9 @@ MD_COLUMNS = [  # (header, function of a row)
     ("strategy", lambda r: (r["strategy"] or "?") + (f" ({r['knobs']})" if r["knobs"] else "")),
     ("params", lambda r: _params(r["params"])),
     ("GFLOPs/img", lambda r: _num(r["gflops"], "#.3g")),
+    ("top-1 %", lambda r: _num(r["top_1"], ".1f") + (" (EMA)" if r["headline"] == "ema" else "")),
     ("best top-1 %", lambda r: _num(r["best_top_1"], ".1f")),
-    ("best EMA top-1 %", lambda r: _num(r["best_ema_top_1"], ".1f")),
+    ("raw top-1 %", lambda r: _num(r["raw_final_top_1"], ".1f")),
     ("epochs", lambda r: _epochs(r)),
     ("wall time", lambda r: _duration(r["total_time_s"])),
     ("train img/s", lambda r: _num(r["train_img_s"], ".0f")),
@@ -192,11 +196,12 @@ def markdown_table(rows: list[dict]) -> str:
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(b, widths)) + " |" for b in body]
     problems = [r for r in rows if r["status"] != "done"]
+    diffs = paired_differences(rows)
     if problems:
         lines.append("")
         lines += [f"- {r['experiment']}: {r['status']}" + (f" — log: {r['log']}" if r["log"] else "")
                   for r in problems]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + diffs
 
 
 def plot(rows: list[dict], path: str | Path) -> bool:
@@ -216,16 +221,16 @@ def plot(rows: list[dict], path: str | Path) -> bool:
                 continue
             x = r[key] * scale
             ax.scatter([x], [r["best_top_1"]], s=40)
-            if r["best_ema_top_1"] is not None:  # hollow marker: the EMA weights' top-1
-                ax.scatter([x], [r["best_ema_top_1"]], s=40, facecolors="none", edgecolors="gray")
+            if r["headline"] == "ema" and r["raw_best_top_1"] is not None:  # hollow: the raw model's
+                ax.scatter([x], [r["raw_best_top_1"]], s=40, facecolors="none", edgecolors="gray")
             ax.annotate(r["experiment"], (x, r["best_top_1"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=9)
         ax.set_xlabel(label)
         ax.set_ylabel("best top-1 (%)")
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
-    axes[0].legend(handles=[Line2D([], [], ls="", marker="o", color="k", label="model"),
-                            Line2D([], [], ls="", marker="o", mfc="none", color="gray", label="EMA")],
+    axes[0].legend(handles=[Line2D([], [], ls="", marker="o", color="k", label="headline (EMA if on)"),
+                            Line2D([], [], ls="", marker="o", mfc="none", color="gray", label="raw model")],
                    loc="lower right", fontsize=8)
     axes[0].set_title("accuracy vs parameters")
     axes[1].set_title("accuracy vs training time")
@@ -241,7 +246,8 @@ def write_summary(rows: list[dict], out_dir: str | Path) -> str:
     with open(out_dir / "sweep_summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items() if not k.startswith("_")}
+                         for r in rows)
     table = markdown_table(rows)
     (out_dir / "sweep_summary.md").write_text(table)
     png = out_dir / "sweep_summary.png"

@@ -16,10 +16,13 @@ so a run is exactly what you would get by hand, and its folder is ``OUT/<config 
 * A failed job does not stop the sweep; it is listed with its log. The exit code is 1 if any
   run did not finish, 124 if the sweep itself was interrupted (SIGINT/SIGTERM are passed on to
   the jobs, which save ``last.pt``), else 0.
-* Re-running the same command skips runs whose ``final.json`` says ``completed`` (if their config
-  and ``--set`` are unchanged, per ``OUT/logs/<stem>.json``) and restarts the others, which resume
-  from their ``last.pt`` (the trainer's auto-resume). A finished run is never re-trained: after a
-  config change the trainer refuses the old run folder, naming the changed keys; delete it to redo.
+* Re-running the same command skips runs whose ``final.json`` says ``completed`` when the config
+  and ``--set`` resolve to the same settings (the trainer's own judge, ``runs.config_changes``);
+  others are launched again and resume from their ``last.pt``. After a config change the trainer
+  refuses the old run folder, naming the changed keys; delete it to redo.
+* ``--paired``: all configs train in ONE trainer process, stepping in turn on each batch, which is
+  decoded and augmented once (``train.py --config A --pair-with B C``). The comparison is then
+  between strategies on identical data; ``report`` adds a paired-difference table.
 * At the end it writes ``OUT/sweep_summary.{csv,md,png}`` (``fastvit_reduce.report``): this
   sweep's runs in config order, then any other run folders already in ``OUT``.
 
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import re
 import shlex
@@ -48,8 +50,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastvit_reduce import report
-from fastvit_reduce.config import ConfigError, read_yaml
+from fastvit_reduce import report, runs
+from fastvit_reduce.config import ConfigError
 
 
 class SweepError(ValueError):
@@ -58,11 +60,13 @@ class SweepError(ValueError):
 
 @dataclass
 class Job:
-    """One config of the sweep and what became of it."""
+    """One trainer process of the sweep (one config, or K paired configs) and what became of it."""
     config: Path
     name: str                          # config stem = logging.experiment = run folder name
     run_dir: Path
     log: Path
+    pair: list[Path] = field(default_factory=list)       # --paired: the other configs
+    pair_dirs: list[Path] = field(default_factory=list)  # --paired: their run folders
     status: str = "not started"
     returncode: int | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
@@ -77,35 +81,42 @@ class Job:
 def is_complete(run_dir: Path) -> bool:
     """True when the trainer wrote ``final.json`` with ``completed: true``."""
     try:
-        return bool(report._read_json(run_dir / "final.json").get("completed"))
-    except report.ReportError:
+        return runs.RunFolder(run_dir).is_complete()
+    except runs.RunFolderError:
         return False
 
 
-def fingerprint(job: Job, overrides: list[str]) -> dict | None:
-    """What the run was asked to do: the config's flattened values (base files included) and the
-    sweep's overrides. None when the YAML cannot be read (the trainer will report why)."""
+def run_dirs(job: Job) -> list[Path]:
+    return [job.run_dir, *job.pair_dirs]
+
+
+def job_complete(job: Job) -> bool:
+    return all(is_complete(d) for d in run_dirs(job))
+
+
+def resolved_configs(job: Job, out: Path, overrides: list[str]) -> list[dict] | None:
+    """The trainer's resolved config of every run of ``job``, exactly as the command would load it;
+    None when a config does not load (the trainer will say why)."""
+    from fastvit_reduce.trainer import resolve_variants
     try:
-        values = {k: v for k, (v, _) in read_yaml(job.config).items()}
+        return [cfg for cfg, _ in resolve_variants(train_args(job, out, overrides))]
     except ConfigError:
         return None
-    return json.loads(json.dumps({"config": values, "overrides": list(overrides)}, default=str))
 
 
-def fingerprint_path(job: Job) -> Path:
-    return job.log.with_suffix(".json")
-
-
-def can_skip(job: Job, overrides: list[str]) -> bool:
-    """A run is skipped when it completed and was launched with the same config and overrides.
-    A changed config is launched again: the trainer then refuses it, naming the changed keys."""
-    if not is_complete(job.run_dir):
+def can_skip(job: Job, out: Path, overrides: list[str]) -> bool:
+    """A job is skipped when all its runs completed with the configuration it would run now.
+    The judge of "same run" is the trainer's (``runs.config_changes``), nothing of the sweep's."""
+    if not job_complete(job):
         return False
-    try:
-        recorded = json.loads(fingerprint_path(job).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False  # finished outside this sweep: the trainer checks the config (a no-op if same)
-    return recorded == fingerprint(job, overrides)
+    cfgs = resolved_configs(job, out, overrides)
+    if cfgs is None:
+        return False
+    for cfg, d in zip(cfgs, run_dirs(job)):
+        params = runs.RunFolder(d).read_params() or {}
+        if runs.config_changes(params.get("config", {}), cfg):
+            return False
+    return True
 
 
 def free_port(avoid: set[int]) -> int:
@@ -119,7 +130,11 @@ def free_port(avoid: set[int]) -> int:
 
 
 def train_args(job: Job, out: Path, overrides: list[str]) -> list[str]:
-    """The trainer's arguments for ``job`` (config, run folder, then the sweep's --set overrides)."""
+    """The trainer's arguments for ``job`` (config, run folder, then the sweep's --set overrides).
+    Paired: ``--pair-with`` the other configs; each run is named after its config file."""
+    if job.pair:
+        return (["--config", str(job.config.resolve()), "--pair-with", *(str(c.resolve()) for c in job.pair),
+                 f"--logging.folder={out.resolve()}"] + [f"--{kv}" for kv in overrides])
     return ["--config", str(job.config.resolve()), f"--logging.folder={out.resolve()}",
             f"--logging.experiment={job.name}"] + [f"--{kv}" for kv in overrides]
 
@@ -167,7 +182,7 @@ def trainer_exit_code(lines: list[str], torchrun_code: int | None) -> int | None
 
 def finish_status(job: Job) -> str:
     """Summary status of a finished job, from its run folder (``final.json``, ``last.pt``) and log."""
-    if is_complete(job.run_dir):
+    if job_complete(job):
         return "done"
     lines = attempt_output(job)
     code = trainer_exit_code(lines, job.returncode)
@@ -222,7 +237,6 @@ class Runner:
         cmd = torchrun_command(job, self.out, self.overrides, self.nproc, job.port)
         job.log.parent.mkdir(parents=True, exist_ok=True)
         job.log_offset = job.log.stat().st_size if job.log.is_file() else 0
-        fingerprint_path(job).write_text(json.dumps(fingerprint(job, self.overrides), indent=1) + "\n")
         resuming = " (resuming from last.pt)" if (job.run_dir / "last.pt").is_file() else ""
         where = f"GPU {','.join(slot)}" if slot else "CPU"
         print(f"sweep: start {job.name}{resuming} on {where} — log {job.log}", flush=True)
@@ -251,7 +265,7 @@ class Runner:
         job.returncode = job.proc.wait()
         job.logf.close()
         job.status = finish_status(job) if not self.stopping else \
-            ("done" if is_complete(job.run_dir) else "stopped — re-run the sweep to resume")
+            ("done" if job_complete(job) else "stopped — re-run the sweep to resume")
         print(f"sweep: {job.name}: {job.status} after {time.time() - job.start:.0f} s", flush=True)
 
     def stop(self, signum, _frame) -> None:
@@ -372,14 +386,17 @@ def summary_rows(jobs: list[Job], out: Path) -> list[dict]:
     bare row with its status and log), then any other run folders already in ``out``."""
     rows = []
     for job in jobs:
-        try:
-            row = report.load_run(job.run_dir)
-        except report.ReportError:
-            row = {c: None for c in report.CSV_COLUMNS}
-            row.update(experiment=job.name, knobs="", run_dir=str(job.run_dir))
-        row["status"], row["log"] = job.status, str(job.log) if job.log.is_file() else ""
-        rows.append(row)
-    ours = {job.run_dir.resolve() for job in jobs}
+        for d in run_dirs(job):
+            try:
+                row = report.load_run(d)
+            except report.ReportError:
+                row = {c: None for c in report.CSV_COLUMNS}
+                row.update(experiment=d.name, knobs="", run_dir=str(d))
+            if job.status != "done" or row["status"] != "done":
+                row["status"] = job.status
+            row["log"] = str(job.log) if job.log.is_file() else ""
+            rows.append(row)
+    ours = {d.resolve() for job in jobs for d in run_dirs(job)}
     for run in sorted(out.iterdir()):
         if run.is_dir() and run.resolve() not in ours and report.is_run_dir(run):
             try:
@@ -407,8 +424,9 @@ def refuse_control_chars(what: str, text: str) -> None:
         raise SweepError(f"{what} contains a control character ({bad[0]!r}): {text!r}")
 
 
-def make_jobs(configs: list[str], out: Path) -> list[Job]:
-    """Jobs for the config files, refusing missing files and two configs with the same stem."""
+def make_jobs(configs: list[str], out: Path, paired: bool = False) -> list[Job]:
+    """Jobs for the config files (one per config, or one paired job for all), refusing missing
+    files and two configs with the same stem."""
     jobs, seen = [], {}
     for c in map(Path, configs):
         if not c.is_file():
@@ -418,7 +436,24 @@ def make_jobs(configs: list[str], out: Path) -> list[Job]:
                              "give configs distinct file names")
         seen[c.stem] = c
         jobs.append(Job(config=c, name=c.stem, run_dir=out / c.stem, log=out / "logs" / f"{c.stem}.log"))
+    if paired and len(jobs) > 1:
+        first, rest = jobs[0], jobs[1:]
+        name = "paired_" + "_".join(j.name for j in jobs)
+        names = paired_names(first, rest, out)
+        return [Job(config=first.config, name=name, run_dir=out / names[0], log=out / "logs" / f"{name}.log",
+                    pair=[j.config for j in rest], pair_dirs=[out / n for n in names[1:]])]
     return jobs
+
+
+def paired_names(first: Job, rest: list[Job], out: Path) -> list[str]:
+    """Run folder names the trainer will give a paired job's variants (config's
+    logging.experiment, else the file's stem); the stems when the configs do not load yet."""
+    job = Job(config=first.config, name=first.name, run_dir=out, log=out, pair=[j.config for j in rest])
+    try:
+        from fastvit_reduce.trainer import resolve_variants
+        return [name for _, name in resolve_variants(train_args(job, out, []))]
+    except ConfigError:
+        return [first.name, *(j.name for j in rest)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n", 1)[1].replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="trainer YAML files, one run each")
+    p.add_argument("--paired", action="store_true",
+                   help="train all configs in ONE process on the same batches (decoded and augmented "
+                        "once; differences are the strategies', not data noise)")
     p.add_argument("--out", default="runs", help="sweep folder: runs, logs, summary (default: runs)")
     p.add_argument("--gpus", default=None,
                    help="GPU ids to use, e.g. 0,1,2,3 (default: none = CPU, one run at a time)")
@@ -466,7 +504,7 @@ def main(argv: list[str]) -> int:
                 raise SweepError(f"--set expects section.key=value, got {kv!r}")
             if kv.split("=")[0] in ("logging.folder", "logging.experiment"):
                 raise SweepError(f"--set {kv.split('=')[0]} is chosen by the sweep (use --out / file names)")
-        jobs = make_jobs(args.configs, out)
+        jobs = make_jobs(args.configs, out, paired=args.paired)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -475,10 +513,10 @@ def main(argv: list[str]) -> int:
               f"({len(gpus)} GPUs, {args.gpus_per_run} per run)", file=sys.stderr)
 
     for job in jobs:
-        if can_skip(job, args.set):
+        if can_skip(job, out, args.set):
             job.status = "done"
             print(f"sweep: skip {job.name}: already complete ({job.run_dir / 'final.json'})")
-        elif is_complete(job.run_dir):
+        elif job_complete(job):
             print(f"sweep: {job.name} is complete but its config or --set changed: launching it, and the "
                   f"trainer refuses unless only harmless keys changed (delete {job.run_dir} to redo it)")
     todo = [j for j in jobs if j.status != "done"]
