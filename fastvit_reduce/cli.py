@@ -7,7 +7,10 @@
     fastvit-reduce bench    loader|strategies ...                       benchmark tables
     fastvit-reduce train    --config rn_configs/thin.yaml ...           same as train.py
     fastvit-reduce sweep    CONFIG... [--gpus 0,1] [--out DIR]          run many configs
+    fastvit-reduce sweep    --paired CONFIG...                          K variants, one process, same batches
     fastvit-reduce report   RUN_DIR...                                  sweep summary table/plot
+    fastvit-reduce compare  RUN_A RUN_B                                 same weights? first differing epoch
+    fastvit-reduce bench    e2e|gpu|threads ...                         vs timm's pipeline / GPU check / OpenMP
 """
 from __future__ import annotations
 
@@ -29,9 +32,11 @@ COMMANDS = {
     "bench strategies": "fastvit_reduce.bench.strategies",
     "bench e2e": "fastvit_reduce.bench.e2e",
     "bench gpu": "fastvit_reduce.bench.gpu",
+    "bench threads": "fastvit_reduce.bench.threads",
     "train": "fastvit_reduce.trainer",
     "sweep": "fastvit_reduce.sweep",
     "report": "fastvit_reduce.report",
+    "compare": "fastvit_reduce.runs",
 }
 
 

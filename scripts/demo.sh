@@ -3,8 +3,10 @@
 #   1. scripts/setup.sh                       system packages + .venv (idempotent)
 #   2. fastvit-reduce sample                  ImageNet-layout photos from scikit-image's own files
 #   3. scripts/write_imagenet.sh              ImageFolder -> train/val .beton (ffcv)
-#   4. fastvit-reduce sweep                   baseline / thin / shallow / grouped tiny ViTs on CPU
-#   5. the comparison table and the path of the plot (top-1 vs params, top-1 vs wall-clock)
+#   4. fastvit-reduce sweep --paired          baseline / thin / shallow / grouped tiny ViTs on CPU,
+#                                             in one process on the same batches (decoded and
+#                                             augmented once; the comparison is strategy, not noise)
+#   5. the comparison table, the paired-difference table and the plot
 # Everything goes under demo_out/ (git-ignored; DEMO_OUT=dir to change it). Re-running reuses the
 # sample, the .beton files and the finished runs, so it is also how to resume an interrupted demo.
 # Target: under 10 minutes on 2 cores. Exit code: non-zero if any step or any run failed.
@@ -38,9 +40,9 @@ if [ ${#train[@]} -ne 1 ] || [ ${#val[@]} -ne 1 ]; then
     exit 1
 fi
 
-step "4/5 sweep: baseline, thin, shallow, grouped (CPU, one after the other) -> $OUT/runs"
+step "4/5 paired sweep: baseline, thin, shallow, grouped (CPU, one process, same batches) -> $OUT/runs"
 rc=0
-"$FVR" sweep rn_configs/sample/{baseline,thin,shallow,grouped}.yaml --out "$OUT/runs" \
+"$FVR" sweep --paired rn_configs/sample/{baseline,thin,shallow,grouped}.yaml --out "$OUT/runs" \
     --set "data.train_dataset=$(realpath "${train[0]}")" \
     --set "data.val_dataset=$(realpath "${val[0]}")" || rc=$?
 
