@@ -1,0 +1,77 @@
+"""The seed's recipe, exactly, at any process count (issue 12): a tested seed-flag table.
+
+For each of the seed's four commands (parameter-efficient-vit-mlps README: baseline, thin,
+shallow, grouped on ViT-B/16), our matching config resolved at 1, 2 and 8 simulated processes
+must train at global batch 1024 with the seed's hyper-parameters; ``--dry-run`` prints that plan.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fastvit_reduce.config import ConfigError, load_config, resolved
+from fastvit_reduce.trainer import SECTIONS, batch_plan, main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "rn_configs"
+# seed flag -> (our key, value); the same for the four commands
+SEED_FLAGS = {
+    "--lr 0.001": ("optim.lr", 0.001), "--weight-decay 0.05": ("optim.weight_decay", 0.05),
+    "--warmup-epochs 5": ("lr.warmup_epochs", 5.0), "--drop-path 0.1": ("model.drop_path", 0.1),
+    "--model-ema-decay 0.9998": ("ema.decay", 0.9998), "--aa rand-m9-mstd0.5-inc1": ("augment.randaugment", "rand-m9-mstd0.5-inc1"),
+    "--mixup 0.8": ("augment.mixup", 0.8), "--cutmix 1.0": ("augment.cutmix", 1.0),
+    "--reprob 0.25": ("augment.reprob", 0.25), "--aug-repeats 3": ("augment.aug_repeats", 3),
+    "--epochs 300": ("training.epochs", 300), "--sched cosine": ("lr.schedule", "cosine"),
+    "--model vit_base_patch16_224": ("model.arch", "vit_base_patch16_224"), "--seed 42": ("training.seed", 42),
+}
+STRATEGY_FLAGS = {  # the seed README's per-strategy flags
+    "baseline": {"reduction.strategy": "baseline"},
+    "thin": {"reduction.strategy": "thin", "reduction.mlp_ratio": 2.0},
+    "shallow": {"reduction.strategy": "shallow", "reduction.keep_ratio": 0.5},
+    "grouped": {"reduction.strategy": "grouped", "reduction.scale": 0.707, "reduction.group_size": 2},
+}
+PER_GPU = {1: 256, 2: 256, 8: 128}  # 8 x 256 would overshoot 1024: the 8-GPU command halves it
+
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+@pytest.mark.parametrize("name", list(STRATEGY_FLAGS))
+def test_each_seed_command_resolves_to_its_recipe_at_any_process_count(name, world):
+    load_config(["--config", str(CONFIGS / f"{name}.yaml"), f"--training.batch_size={PER_GPU[world]}"], SECTIONS)
+    cfg = resolved(SECTIONS)
+    for flag, (key, value) in SEED_FLAGS.items():
+        assert cfg[key] == value, f"{name}.yaml: {key} = {cfg[key]!r}, the seed's {flag} means {value!r}"
+    for key, value in STRATEGY_FLAGS[name].items():
+        assert cfg[key] == pytest.approx(value) if isinstance(value, float) else cfg[key] == value
+    plan = batch_plan(cfg, world)
+    assert plan["global_batch"] == 1024 and plan["peak_lr"] == 0.001
+    assert plan["per_gpu_batch"] * plan["accum"] * world == 1024
+
+
+def test_dry_run_prints_the_plan_without_training(capsys, tmp_path):
+    assert main(["--config", str(CONFIGS / "thin.yaml"), "--dry-run", "--world-size", "2",
+                 f"--logging.folder={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "global_batch" in out and "1024" in out
+    plan = json.loads(out[out.index("plan (JSON):") + len("plan (JSON):"):])
+    assert plan[0]["global_batch"] == 1024 and plan[0]["accum"] == 2 and plan[0]["params"] == 58_237_672
+    assert plan[0]["strategy"] == "thin" and plan[0]["knobs"]["reduction.mlp_ratio"] == 2.0
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_global_batch_out_of_reach_is_refused_naming_valid_per_gpu_sizes(capsys):
+    assert main(["--config", str(CONFIGS / "baseline.yaml"), "--dry-run", "--world-size=8"]) == 2
+    err = capsys.readouterr().err
+    assert "training.global_batch=1024 cannot be reached with training.batch_size=256 on 8" in err
+    assert "128" in err
+    with pytest.raises(ConfigError, match="per-GPU sizes that do: .*96|per-GPU sizes that do: .*128"):
+        load_config(["--config", str(CONFIGS / "baseline.yaml"), "--training.batch_size=100"], SECTIONS)
+        batch_plan(resolved(SECTIONS), 2)
+
+
+def test_lr_scale_rules():
+    load_config(["--config", str(CONFIGS / "baseline.yaml"), "--lr.scale=linear", "--lr.base_batch=512",
+                 "--optim.lr=5e-4"], SECTIONS)
+    assert batch_plan(resolved(SECTIONS), 2)["peak_lr"] == pytest.approx(1e-3)  # DeiT: 5e-4 x 1024/512
+    load_config(["--config", str(CONFIGS / "baseline.yaml"), "--lr.scale=sqrt", "--lr.base_batch=256"], SECTIONS)
+    assert batch_plan(resolved(SECTIONS), 1)["peak_lr"] == pytest.approx(2e-3)
