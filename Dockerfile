@@ -11,14 +11,21 @@ FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /opt/fastvit-reduce
 
-# System packages: the same script (and list) CI exercises, so CI tests what the image installs.
+# WHEELHOUSE: a folder in the build context made by scripts/wheelhouse.sh (e.g.
+#   scripts/wheelhouse.sh --no-torch python3.11 wheelhouse; docker build --build-arg WHEELHOUSE=wheelhouse .)
+# uses its auditwheel-repaired ffcv wheel: no compiler or -dev packages, no ffcv compile.
+# Empty (default): the system packages are installed and ffcv is compiled from its sdist.
+ARG WHEELHOUSE=""
 COPY scripts/setup.sh scripts/setup.sh
-RUN bash scripts/setup.sh --system-only && rm -rf /var/lib/apt/lists/*
+COPY ${WHEELHOUSE:-scripts} /opt/wheelhouse
+# System packages: the same script (and list) CI exercises, so CI tests what the image installs.
+RUN if [ -z "$WHEELHOUSE" ]; then bash scripts/setup.sh --system-only && rm -rf /var/lib/apt/lists/*; fi
 
 # The package (keeps the base image's torch: pyproject only asks torch>=2.1).
 COPY pyproject.toml README.md ./
 COPY fastvit_reduce fastvit_reduce
-RUN pip install ".[demo]" && python -c "import ffcv, timm, fastvit_reduce"
+RUN if [ -n "$WHEELHOUSE" ]; then pip install --find-links /opt/wheelhouse ".[demo]"; \
+    else pip install ".[demo]"; fi && python -c "import ffcv, timm, fastvit_reduce"
 
 COPY train.py ./
 COPY rn_configs rn_configs

@@ -4,9 +4,23 @@
 #   2. a virtualenv at <repo>/.venv,
 #   3. `pip install -e .[test]`, skipped when pyproject.toml has not changed since the last install.
 # A second run takes a few seconds.  The Dockerfile runs `scripts/setup.sh --system-only`.
+#   scripts/setup.sh --offline DIR   no apt, no index: install from a wheelhouse made by
+#                                    scripts/wheelhouse.sh (GPU nodes without internet)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+
+if [ "${1:-}" = "--offline" ]; then
+    WH=${2:?setup: --offline needs the wheelhouse folder}
+    [ -d "$WH" ] || { echo "setup: no wheelhouse folder $WH" >&2; exit 2; }
+    PY=${PYTHON:-python3}
+    [ -x .venv/bin/python ] || $PY -m venv .venv
+    # why no apt step: the repaired ffcv wheel carries its OpenCV and turbojpeg libraries
+    .venv/bin/python -m pip install -q --no-index --find-links "$WH" "fastvit_reduce[demo]"
+    .venv/bin/python -c "import ffcv, timm, fastvit_reduce"
+    echo "setup: installed offline from $WH into $ROOT/.venv"
+    exit 0
+fi
 
 # why: ffcv's setup.py finds OpenCV and libjpeg-turbo through the pkg-config *binary*.
 SYSTEM_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev g++)
