@@ -13,6 +13,7 @@ import shutil
 import threading
 import types
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -309,6 +310,11 @@ def test_argument_errors(beton):
         train_loader(beton, aug_repeats=0)
     with pytest.raises(ValueError, match="rrc_scale"):
         train_loader(beton, rrc_scale=[0.5, 0.1])
+    too_many = numba.config.NUMBA_NUM_THREADS + 1
+    with pytest.raises(ConfigError, match=f"data.num_workers={too_many}"):
+        train_loader(beton, num_workers=too_many)
+    with pytest.raises(ConfigError, match="NUMBA_NUM_THREADS"):
+        val_loader(beton, num_workers=too_many)
 
 
 # ----------------------------------------------------------------------------- config

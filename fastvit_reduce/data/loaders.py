@@ -497,6 +497,7 @@ def create_train_loader(path, batch_size: int, device, *, res: int, num_workers:
     """
     check_beton(path)
     _check_batch(batch_size)
+    _check_workers(num_workers)
     if int(aug_repeats) != aug_repeats or aug_repeats < 1:
         raise ValueError(f"aug_repeats must be an integer >= 1, got {aug_repeats!r}")
     if order not in ("random", "quasi_random"):
@@ -541,6 +542,7 @@ def create_val_loader(path, batch_size: int, device, *, res: int, crop_pct: floa
     """
     num_samples = check_beton(path)
     _check_batch(batch_size)
+    _check_workers(num_workers)
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r} (resolve 0 to the "
                          f"model's pretrained_cfg['crop_pct'] first)")
@@ -602,6 +604,15 @@ def _check_res(res) -> int:
     if int(res) != res or res < 1:
         raise ValueError(f"resolution must be a positive integer, got {res!r}")
     return int(res)
+
+
+def _check_workers(num_workers) -> None:
+    # why: numba refuses more threads than NUMBA_NUM_THREADS (the cores at import); ffcv's Loader
+    # would raise a bare ValueError from numba.set_num_threads
+    limit = numba.config.NUMBA_NUM_THREADS
+    if num_workers > limit:
+        raise ConfigError(f"data.num_workers={num_workers} is more decode threads than numba allows "
+                          f"here ({limit}, NUMBA_NUM_THREADS); use at most {limit}")
 
 
 def _check_batch(batch_size) -> None:
