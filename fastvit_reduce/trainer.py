@@ -78,7 +78,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .augment.batch import augment_from_cfg, normalize
 from .config import Bool01, Choice, ConfigError, FloatList, Number, declared_keys, load_config, resolved
-from .data.loaders import (check_beton, check_datasets, create_train_loader, create_val_loader,
+from .data.loaders import (LoaderError, check_beton, check_datasets, create_train_loader, create_val_loader,
                            get_resolution, read_classes, set_epoch, set_train_resolution)
 from .data.inspect import label_range, verify_beton
 from .data.orders import RepeatAugOrder
@@ -306,11 +306,19 @@ def set_numerics(device: torch.device, deterministic: bool) -> None:
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity: Slurm/taskset limits count)."""
+    """Cores for this process: its CPU affinity (Slurm/taskset limits count) shared among the
+    processes torchrun started on this node."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def decode_threads(cfg: dict) -> int:
+    """``data.num_workers``, 0 resolved to this process's cores (numba's limit at most)."""
+    import numba
+    return cfg["data.num_workers"] or min(available_cores(), numba.config.NUMBA_NUM_THREADS)
 
 
 def process_age() -> float:
@@ -455,7 +463,7 @@ class FfcvSource:
         self.soft_targets = self.augment.soft_targets
         self.loader = create_train_loader(
             cfg["data.train_dataset"], cfg["training.batch_size"], d.device, res=train_res(cfg, start_epoch),
-            num_workers=cfg["data.num_workers"], in_memory=cfg["data.in_memory"],
+            num_workers=decode_threads(cfg), in_memory=cfg["data.in_memory"],
             batches_ahead=cfg["data.batches_ahead"], drop_last=cfg["data.drop_last"],
             order=cfg["data.order"], aug_repeats=cfg["augment.aug_repeats"], seed=cfg["training.seed"],
             distributed=d.world > 1, rrc_scale=cfg["data.rrc_scale"], rrc_ratio=cfg["data.rrc_ratio"],
@@ -465,13 +473,24 @@ class FfcvSource:
             self.val_loader = create_val_loader(
                 cfg["data.val_dataset"], cfg["validation.batch_size"], d.device,
                 res=cfg["validation.resolution"] or cfg["model.img_size"], crop_pct=crop_pct,
-                num_workers=cfg["data.num_workers"], in_memory=cfg["data.in_memory"],
+                num_workers=decode_threads(cfg), in_memory=cfg["data.in_memory"],
                 distributed=d.world > 1, channels_last=cfg["training.channels_last"])
         self.has_val = self.val_loader is not None
+        self.loaders = [x for x in (self.loader, self.val_loader) if x is not None]
         self.side_stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def set_poll(self, poll) -> None:
+        """Called while a loader waits for its decode thread; may raise to stop the wait."""
+        for loader in self.loaders:
+            loader.poll = poll
+
+    def close(self) -> None:
+        """End the decode threads of a running epoch (a stopped or finished run)."""
+        for loader in self.loaders:
+            loader.close()
 
     def epoch(self, epoch: int, skip: int = 0):
         """(x, targets) for the steps ``skip``.. of ``epoch``; x normalised, in the AMP dtype."""
@@ -689,9 +708,11 @@ class Trainer:
         # threads: ffcv's Loader set torch's intra-op count to data.num_workers; we own it
         self.threads = cfg["training.threads"] or available_cores()
         torch.set_num_threads(self.threads)
-        log.info(f"threads: torch {self.threads} intra-op (of {available_cores()} cores this process may "
-                 f"use), ffcv {cfg['data.num_workers']} decode, 1 batch-ahead augmentation thread")
+        log.info(f"threads: torch {self.threads} intra-op, ffcv {decode_threads(cfg)} decode, 1 batch-ahead "
+                 f"augmentation thread ({available_cores()} cores for this process)")
         self.stop = StopSignal()
+        if hasattr(self.source, "set_poll"):
+            self.source.set_poll(self.poll_stop)
         self.last_save = time.monotonic()
         self.epoch_stats: dict = {}
         self.updates_done = 0  # updates stepped by this process (the cadence of host reads)
@@ -800,6 +821,8 @@ class Trainer:
             return EXIT_PREEMPTED
         finally:
             self.stop.restore()
+            if hasattr(self.source, "close"):
+                self.source.close()
         bad = [v for v in self.variants if v.exit_reason and v.exit_reason != "completed"]
         for v in bad:
             if d.main:
@@ -1343,11 +1366,11 @@ def main(argv: list[str], source_factory=None) -> int:
         if rank0:
             log.error(f"error: {e}")
         return fail(e, EXIT_CRASH)
-    except Exception as e:
-        if type(e).__name__ == "LoaderError":
-            if rank0:
-                log.error(f"error: {e}")
-            return fail(e, EXIT_CRASH)
+    except LoaderError as e:  # a dead decode thread: a fault, named, not a hang
+        if rank0:
+            log.error(f"error: {e}")
+        return fail(e, EXIT_CRASH)
+    except Exception:
         log.exception("training crashed")
         raise
     finally:

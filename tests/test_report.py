@@ -14,13 +14,14 @@ def fake_run(root, name, strategy, params, top1, ema=None, completed=True, final
     run.mkdir(parents=True)
     config = {"reduction.strategy": strategy, **{f"reduction.{k}": v for k, v in (knobs or {}).items()}}
     (run / "params.json").write_text(json.dumps({"config": config, "world_size": 1}))  # trainer's layout
-    log = [dict(epoch=e, train_loss=2.0 - e, top_1=top1 - 5 + 5 * e, top_5=90.0,
-                ema_top_1=ema, epoch_time_s=30.0) for e in range(2)]
+    log = [dict(epoch=e, train_loss=2.0 - e, eval_top1=top1 - 5 + 5 * e, eval_top5=90.0,
+                raw_top_1=top1 - 5 + 5 * e, ema_top_1=ema, epoch_time_s=30.0) for e in range(2)]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"epoch": 2, "top')
     if final:
         (run / "final.json").write_text(json.dumps(dict(
             experiment=name, strategy=strategy, arch="vit_tiny_patch16_224", img_size=64, epochs=2,
-            params=params, mlp_params=params // 2, gflops=0.0123, best_top_1=top1, final_top_1=top1,
+            params=params, mlp_params=params // 2, gflops=0.0123, top_1=top1, best_top_1=top1, final_top_1=top1,
+            headline="ema" if ema else "raw", raw_best_top_1=top1 - 1, raw_final_top_1=top1 - 1,
             best_ema_top_1=ema, final_ema_top_1=ema, total_time_s=61.0, train_img_s=150.0,
             data_wait_frac=0.05, completed=completed)))
     return run
@@ -48,7 +49,8 @@ def test_report_writes_csv_md_png_from_a_folder_of_runs(tmp_path, capsys):
     md = (tmp_path / "out" / "sweep_summary.md").read_text()
     assert md in printed
     header, _, *body = md.splitlines()
-    assert "GFLOPs/img" in header and "best EMA top-1 %" in header and "data wait" in header
+    assert "GFLOPs/img" in header and "raw top-1 %" in header and "data wait" in header
+    assert "| 60.0 (EMA) " in body[0] and "59.0" in body[0]  # headline EMA, raw beside it
     assert "| thin " in body[2] and "0.30M" in body[2] and "55.0" in body[2] and "5%" in body[2]
     assert any(line.startswith("- killed: incomplete") for line in body)
     with Image.open(tmp_path / "out" / "sweep_summary.png") as im:

@@ -35,7 +35,7 @@ def cfg(tmp_path_factory):
 def test_same_seed_twice_and_other_loader_settings_give_bit_identical_weights(cfg, capsys):
     a = run(cfg, "a")
     b = run(cfg, "b")
-    c = run(cfg, "c", "--data.num_workers=2", "--data.batches_ahead=3", "--training.threads=1")
+    c = run(cfg, "c", "--data.num_workers=2", "--data.batches_ahead=3")
     assert a["weights_hash"] == b["weights_hash"] == c["weights_hash"]
     assert a["first_batch_hash"] == b["first_batch_hash"] == c["first_batch_hash"]
     assert losses(cfg, "a") == losses(cfg, "b") == losses(cfg, "c")

@@ -55,9 +55,9 @@ def test_cpu_sweep_reports_every_run_survives_a_bad_config_and_skips_finished(tm
     # a changed config or --set is not skipped (the trainer then names what changed)
     job = sweep.make_jobs([str(tmp_path / "thin.yaml")], out)[0]
     overrides = args[3::2]
-    assert sweep.can_skip(job, overrides) and not sweep.can_skip(job, overrides + ["training.seed=1"])
+    assert sweep.can_skip(job, out, overrides) and not sweep.can_skip(job, out, overrides + ["training.seed=1"])
     (tmp_path / "thin.yaml").write_text(f"base: {SAMPLE_CONFIGS / 'thin.yaml'}\nreduction:\n  mlp_ratio: 1.0\n")
-    assert not sweep.can_skip(job, overrides)
+    assert not sweep.can_skip(job, out, overrides)
 
 
 def test_slurm_scripts_are_written_and_submitted(tmp_path, monkeypatch, capsys):
@@ -68,8 +68,9 @@ def test_slurm_scripts_are_written_and_submitted(tmp_path, monkeypatch, capsys):
     (done / "final.json").write_text(json.dumps({"completed": True}))
     (tmp_path / "baseline.yaml").write_text("reduction:\n  strategy: baseline\n")
     job = sweep.make_jobs([str(tmp_path / "baseline.yaml")], tmp_path / "out")[0]
-    job.log.parent.mkdir()  # as if an earlier sweep had finished it with the same settings
-    sweep.fingerprint_path(job).write_text(json.dumps(sweep.fingerprint(job, ["training.epochs=3"])))
+    # as if an earlier sweep had finished it with the same settings (the trainer's params.json)
+    [cfg_then] = sweep.resolved_configs(job, tmp_path / "out", ["training.epochs=3"])
+    (done / "params.json").write_text(json.dumps({"config": cfg_then}))
     # a fake sbatch on PATH records what it was asked to submit
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

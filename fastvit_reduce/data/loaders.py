@@ -61,7 +61,8 @@ from .orders import RepeatAugOrder, ShardedSequentialOrder, install_order, sampl
 Section("data", "FFCV datasets and loading").params(
     train_dataset=Param(str, "train .beton path", default=""),
     val_dataset=Param(str, "validation .beton path", default=""),
-    num_workers=Param(Number(int, 1), "ffcv decode threads per process", default=8),
+    num_workers=Param(Number(int, 0), "ffcv decode threads per process (0 = the cores this "
+                      "process may use: its CPU affinity / processes on the node)", default=0),
     in_memory=Param(Bool01(), "1: OS page cache (dataset fits in RAM); 0: ffcv process cache",
                     default=1),
     batches_ahead=Param(Number(int, 1), "batches prepared in advance", default=3),
