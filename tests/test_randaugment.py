@@ -191,11 +191,46 @@ def test_no_host_sync_ops(photos, spec):
     none of them would read a device value back on the host or upload host data."""
     x = torch.from_numpy(np.stack([p[:32, :40] for p in photos] * 2)).permute(0, 3, 1, 2)
     aug = BatchRandAugment(spec)
-    aug(x, torch.Generator().manual_seed(0))  # build the per-device constants first
+    aug(x, torch.Generator().manual_seed(0), _path="where")  # build the per-device constants first
     with _RecordOps() as rec:
-        aug(x, torch.Generator().manual_seed(1))
+        aug(x, torch.Generator().manual_seed(1), _path="where")  # CUDA's path, forced on the CPU
     bad = sorted({n for n in rec.names if n in SYNCING_OPS or n.startswith("index with")})
     assert len(rec.names) > 100 and not bad, bad
+
+
+def test_cpu_default_is_the_grouped_path(photos):
+    """On the CPU, images are grouped by op: a call runs ``nonzero`` (which the where path never
+    does), i.e. the ~11x cheaper path is the one the trainer gets."""
+    x = torch.from_numpy(np.stack([p[:32, :40] for p in photos] * 2)).permute(0, 3, 1, 2)
+    with _RecordOps() as rec:
+        BatchRandAugment("rand-m9-mstd0.5-inc1")(x, torch.Generator().manual_seed(1))
+    assert "nonzero" in rec.names
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m9-n3-mstd0.5", "rand-m9-mstd101",
+                                  "rand-m7-mmax10-n3-inc1", "rand-m9-n3-tweights", "rand-m9-w0",
+                                  "rand-m10-mstd1-p1-inc1"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_grouped_and_where_paths_are_bit_identical(photos, spec, dtype):
+    """The CPU's grouped path and CUDA's where path apply one set of draws; over many seeds they
+    must give the same pixels, bit for bit (uint8 and unquantised float input)."""
+    x = torch.from_numpy(np.stack([p[:40, :56] for p in photos] * 4)).permute(0, 3, 1, 2)
+    x = x if dtype == torch.uint8 else x * (254 / 255)  # float: off the integer grey levels
+    aug = BatchRandAugment(spec, fill=FILL)
+    for seed in range(12):
+        grouped = aug(x, torch.Generator().manual_seed(seed), _path="grouped")
+        where = aug(x, torch.Generator().manual_seed(seed), _path="where")
+        assert grouped.dtype == dtype and torch.equal(grouped, where), (spec, seed)
+    with pytest.raises(ValueError, match="grouped"):
+        aug(x, torch.Generator(), _path="gathered")
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_apply_op_paths_agree(photos, name):
+    x = torch.from_numpy(np.stack([p[:48, :64] for p in photos])).permute(0, 3, 1, 2)
+    for negate in (False, True):
+        assert torch.equal(apply_op(x, name, 7.3, negate=negate, fill=FILL, _path="grouped"),
+                           apply_op(x, name, 7.3, negate=negate, fill=FILL, _path="where"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
