@@ -107,3 +107,12 @@ def test_config_changes_ignore_harmless_keys():
     assert runs.config_changes(old, {**old, "training.epochs": 3}) == ["training.epochs: 2 -> 3"]
     with pytest.raises(ConfigError):
         runs.check_experiment_name("..")
+
+
+def test_a_truncated_beton_is_refused_before_training(cfg, tmp_path, capsys):
+    train = Path(cfg).parent / "train.beton"
+    cut = tmp_path / "cut.beton"
+    cut.write_bytes(train.read_bytes()[:-100])  # the case that used to hang ffcv's loader forever
+    assert main(["--config", cfg, f"--data.train_dataset={cut}", "--logging.experiment=cut"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(cut) in err and "damaged" in err

@@ -138,6 +138,9 @@ class TimmSource:
                 collate_fn = FastCollateMixup(**mixup_args)
             else:
                 self.mixup_fn = Mixup(**mixup_args)
+        # worker processes: as many as the FFCV path gets decode threads (0 = this process's cores)
+        from fastvit_reduce.trainer import decode_threads
+        workers = decode_threads(cfg)
         common = dict(mean=tuple(mean), std=tuple(std), pin_memory=False, img_dtype=torch.float32,
                       device=self.device, distributed=distributed, use_prefetcher=prefetcher)
         self.dataset = create_dataset("", root=train_dir, split="train", is_training=True,
@@ -150,7 +153,7 @@ class TimmSource:
             re_count=cfg["augment.recount"], re_split=False, scale=tuple(cfg["data.rrc_scale"]),
             ratio=tuple(cfg["data.rrc_ratio"]), hflip=0.5 if cfg["data.hflip"] else 0.0, vflip=0.0,
             color_jitter=0.4, auto_augment=cfg["augment.randaugment"] or None, num_aug_repeats=repeats,
-            num_aug_splits=0, interpolation="random", num_workers=cfg["data.num_workers"],
+            num_aug_splits=0, interpolation="random", num_workers=workers,
             worker_seeding="all", collate_fn=collate_fn, **common)
         self.val_loader = None
         if val_dir:
@@ -158,7 +161,7 @@ class TimmSource:
                                      batch_size=cfg["validation.batch_size"])
             self.val_loader = create_loader(
                 val_set, input_size=(3, val_res, val_res), batch_size=cfg["validation.batch_size"],
-                is_training=False, interpolation=data_cfg["interpolation"], num_workers=cfg["data.num_workers"],
+                is_training=False, interpolation=data_cfg["interpolation"], num_workers=workers,
                 crop_pct=cfg["data.crop_pct"] or data_cfg["crop_pct"], **common)
 
     def __len__(self) -> int:
@@ -294,6 +297,10 @@ def parse(argv: list[str]):
     p.add_argument("--out", default=None, help="run folders (default: <beton-dir>/runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override, repeatable")
     p.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat (a smoke test)")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="CONFIG",
+                   help="a strategy sweep instead of one run: ours trains these configs PAIRED in one "
+                        "process, timm trains them one after the other (e.g. rn_configs/sample/"
+                        "{baseline,thin,shallow,grouped}.yaml; --config still names the data recipe)")
     p.add_argument("--json", action="store_true", help="print JSON (per-run rows and the summary)")
     try:
         args = p.parse_args(argv)
@@ -309,6 +316,9 @@ def parse(argv: list[str]):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a folder")
     if not Path(args.config).is_file():
         raise UsageError(f"--config {args.config}: file not found")
+    for c in args.sweep or []:
+        if not Path(c).is_file():
+            raise UsageError(f"--sweep {c}: file not found")
     for s in args.set:
         if "=" not in s:
             raise UsageError(f"--set expects KEY=VALUE, got {s!r}")
@@ -330,6 +340,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out or Path(args.beton_dir) / "runs").absolute()
     out.mkdir(parents=True, exist_ok=True)
     sets = {**{k: str(v) for k, v in SEED_RECIPE.items()}, **dict(s.split("=", 1) for s in args.set)}
+    if args.sweep:
+        return run_sweeps(args, betons, beton_s, out, sets)
     rows = []
     for r in range(args.repeats):
         for path in PATHS:  # interleaved: machine drift hits both paths alike
@@ -350,6 +362,53 @@ def main(argv: list[str]) -> int:
         print(format_table(summary, beton_s, f"bench e2e: {args.config}, {args.epochs} epoch(s), "
                                              f"median of {args.repeats} run(s) per path"))
     return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int:
+    """``--sweep``: K configs, ours paired in one process vs timm's K runs one after the other,
+    interleaved per repeat; prints wall and CPU seconds of the whole sweep and each run's top-1."""
+    stems = [Path(c).stem for c in args.sweep]
+    common = [f"--data.train_dataset={betons['train']}", f"--data.val_dataset={betons['val']}",
+              f"--training.epochs={args.epochs}", "--logging.progress=0", *[f"--{k}={v}" for k, v in sets.items()]]
+    results = []
+    for r in range(args.repeats):
+        for path in PATHS:
+            folder = out / f"{path}_sweep_r{r}"
+            if folder.exists():
+                shutil.rmtree(folder)
+            if path == "ours":
+                argv = ["--config", args.sweep[0], "--pair-with", *args.sweep[1:], f"--logging.folder={folder}", *common]
+                runs = [run_child(path, argv, args, folder / stems[0])]
+            else:
+                runs = [run_child(path, ["--config", c, f"--logging.folder={folder}", f"--logging.experiment={st}",
+                                         *common], args, folder / st) for c, st in zip(args.sweep, stems)]
+            tops = {}
+            for st in stems:
+                f = folder / st / "final.json"
+                tops[st] = json.loads(f.read_text()).get("final_top_1") if f.is_file() else None
+            results.append(dict(path=path, repeat=r, rc=max(x["rc"] for x in runs),
+                                wall_s=sum(x["wall_s"] for x in runs), cpu_s=sum(x["cpu_s"] for x in runs),
+                                top_1=tops))
+            print(f"{path} sweep r{r}: rc {results[-1]['rc']}, {results[-1]['wall_s']:.1f} s", file=sys.stderr)
+    med = {p: {k: statistics.median([x[k] for x in results if x["path"] == p]) for k in ("wall_s", "cpu_s")}
+           for p in PATHS}
+    if args.json:
+        print(json.dumps({"beton_write_s": beton_s, "epochs": args.epochs, "sweep": stems, "runs": results,
+                          "median": med, "ratio": {k: med["ours"][k] / med["timm"][k] for k in ("wall_s", "cpu_s")}},
+                         indent=1))
+    else:
+        print(f"bench e2e --sweep: {len(stems)} configs, {args.epochs} epoch(s); ours = one paired process, "
+              f"timm = {len(stems)} runs in a row; median of {args.repeats}")
+        print(f".beton write (once, not in the rows): {beton_s:.1f} s")
+        head = f"{'path':10} {'wall s':>8} {'CPU s':>8}  " + "  ".join(f"{st:>9}" for st in stems)
+        print(head + "   (final top-1 %, last repeat)")
+        for p in PATHS:
+            last = [x for x in results if x["path"] == p][-1]["top_1"]
+            print(f"{p:10} {med[p]['wall_s']:8.1f} {med[p]['cpu_s']:8.1f}  "
+                  + "  ".join(f"{'-' if last[st] is None else format(last[st], '.1f'):>9}" for st in stems))
+        print(f"{'ours/timm':10} {med['ours']['wall_s'] / med['timm']['wall_s']:8.3f} "
+              f"{med['ours']['cpu_s'] / med['timm']['cpu_s']:8.3f}")
+    return 0 if all(x["rc"] == 0 for x in results) else 1
 
 
 if __name__ == "__main__":
