@@ -62,14 +62,8 @@ def is_harmless(key: str) -> bool:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``'key: old -> new'`` for every non-harmless key that differs (the one judge of sameness)."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        if is_harmless(key):
-            continue
-        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if old != new:
-            out.append(f"{key}: {old!r} -> {new!r}")
-    return out
+    from .checkpoint import config_diff
+    return config_diff(saved, current, is_harmless)
 
 
 def check_experiment_name(name: str) -> str:

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import write_beton
+from conftest import SEED_AUGMENT, TINY_TRAIN_YAML, write_beton
 from fastvit_reduce import checkpoint as ckpt
 from fastvit_reduce.config import ConfigError
 from fastvit_reduce.runs import FINAL_KEYS, RunFolder
@@ -35,22 +35,8 @@ Compiler.set_enabled(False)  # why: tests skip ffcv's ~10 s numba JIT per pipeli
 from fastvit_reduce.trainer import main
 sys.exit(main(sys.argv[1:]))
 """
-TINY = """\
-base: {base}
-data: {{train_dataset: {train}, val_dataset: {val}, num_workers: 1, batches_ahead: 1}}
-resolution: {{min_res: 32, max_res: 32, step: 8}}
-model: {{arch: test_vit, num_classes: 4, img_size: 32, patch_size: 8}}
-augment: {{randaugment: '', mixup: 0, cutmix: 0, reprob: 0, aug_repeats: 1}}
-training: {{epochs: 2, batch_size: 8, global_batch: 0, amp: 'off', device: cpu}}
-lr: {{warmup_epochs: 0.25}}
-ema: {{decay: 0.9}}
-validation: {{batch_size: 16}}
-logging: {{folder: {runs}, progress: 0}}
-checkpoint: {{every_minutes: 0}}
-"""
-# the seed's augmentation, for the runs that are not checking that the loss falls
-HEAVY = ["--augment.randaugment=rand-m9-mstd0.5-inc1", "--augment.mixup=0.8", "--augment.cutmix=1.0",
-         "--augment.reprob=0.25", "--augment.aug_repeats=3"]
+TINY = TINY_TRAIN_YAML
+HEAVY = SEED_AUGMENT
 
 
 @pytest.fixture(scope="module")
