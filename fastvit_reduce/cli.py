@@ -4,7 +4,7 @@
     fastvit-reduce write    --cfg.data_dir=... --cfg.write_path=...     ImageFolder -> .beton
     fastvit-reduce inspect  FILE.beton                                  what a .beton holds
     fastvit-reduce sample   --out DIR                                   embedded sample ImageNet
-    fastvit-reduce bench    loader|strategies ...                       benchmark tables
+    fastvit-reduce bench    loader|strategies ...                       loader / strategy step tables
     fastvit-reduce train    --config rn_configs/thin.yaml ...           same as train.py
     fastvit-reduce sweep    CONFIG... [--gpus 0,1] [--out DIR]          run many configs
     fastvit-reduce sweep    --paired CONFIG...                          K variants, one process, same batches
@@ -15,13 +15,7 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
-
-# why: ffcv's Loader calls torch.set_num_threads(num_workers) while its own decode threads run;
-# spinning OpenMP workers then slowed small torch ops on 2 cores up to ~50x. Must be set before
-# torch is imported (the subcommand modules import it).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = {
     "info": "fastvit_reduce.info",

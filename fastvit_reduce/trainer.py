@@ -108,6 +108,8 @@ Section("training", "the training loop").params(
                   default=0),
     deterministic=Param(Bool01(), "torch deterministic algorithms (bit-exact CUDA kernels, slower)",
                         default=0),
+    augment_ahead=Param(Bool01(), "augment batch i+1 in a thread while step i computes (the result "
+                        "is the same either way)", default=1),
 )
 Section("optim", "AdamW (torch; fused kernel when the device supports it)").params(
     lr=Param(Number(float, 0, lo_open=True), "peak learning rate (before lr.scale)", default=1e-3),
@@ -450,6 +452,21 @@ class Ahead:
     def close(self):
         self.stopped.set()
         self.thread.join(timeout=10)
+
+
+class InPlace:
+    """``Ahead``'s interface without the thread (``training.augment_ahead=0``)."""
+
+    def __init__(self, iterator):
+        self.it = iter(iterator)
+
+    def __next__(self):
+        return next(self.it)
+
+    def close(self):
+        close = getattr(self.it, "close", None)
+        if close:
+            close()
 
 
 class FfcvSource:
@@ -856,8 +873,8 @@ class Trainer:
         self.epoch_stats = s
         bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=not (d.main and cfg["logging.progress"]))
-        batches = Ahead(lambda: self.source.epoch(epoch, skip) if skip else self.source.epoch(epoch),
-                        poll=self.poll_stop)
+        make = lambda: self.source.epoch(epoch, skip) if skip else self.source.epoch(epoch)  # noqa: E731
+        batches = Ahead(make, poll=self.poll_stop) if cfg["training.augment_ahead"] else InPlace(make())
         every = cfg["logging.every_steps"]
         try:
             for i in range(skip, n):
