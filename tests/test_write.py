@@ -357,7 +357,8 @@ def test_write_imagenet_sh(tmp_path, capsys):
     good = {"IMAGENET_DIR": str(imagenet), "WRITE_DIR": str(out)}
 
     for args, env, message in [
-            ((), {}, "expected 3 arguments"), (("256", "0.5"), {}, "expected 3 arguments"),
+            ((), {}, "IMAGENET_DIR"),  # no numbers = the default 512 0.50 90
+            (("256", "0.5"), {}, "expected MAX_RES COMPRESS_PROB JPEG_QUALITY"),
             (("256", "half", "90"), {}, "COMPRESS_PROB"), (("256", "0.50", "90"), {}, "IMAGENET_DIR"),
             (("256", "0.50", "90"), {"IMAGENET_DIR": str(tmp_path)}, "no train/ folder"),
             (("256", "0.50", "90"), good, "WRITE_DIR")]:
