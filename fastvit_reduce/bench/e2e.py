@@ -376,6 +376,7 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
             folder = out / f"{path}_sweep_r{r}"
             if folder.exists():
                 shutil.rmtree(folder)
+            folder.mkdir(parents=True)
             if path == "ours":
                 argv = ["--config", args.sweep[0], "--pair-with", *args.sweep[1:], f"--logging.folder={folder}", *common]
                 runs = [run_child(path, argv, args, folder / stems[0])]

@@ -38,11 +38,12 @@ opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, foreach=Tr
 x = torch.randn(batch, 3, kw["img_size"], kw["img_size"])
 y = torch.randint(0, 12, (batch,))
 stop = threading.Event()
-def busy():  # a decode thread's load: numpy work that releases the GIL, with short pauses
-    a = np.random.rand(256, 256)
+def busy():  # a decode thread's load: single-threaded numpy work that releases the GIL (not BLAS,
+    a = np.random.rand(1 << 18)  # whose own thread pool would oversubscribe the cores), short pauses
     while not stop.is_set():
-        a @ a
-        time.sleep(0.002)
+        for _ in range(20):
+            np.multiply(a, 1.0001, out=a)
+        time.sleep(0.001)
 workers = [threading.Thread(target=busy, daemon=True) for _ in range(decode)]
 for w in workers: w.start()
 for _ in range(2): timed_step(model, opt, x, y, torch.device("cpu"))
