@@ -144,10 +144,18 @@ def ffcv_loader(beton: Path, res, batch_size, workers):
 
 
 def batch_randaugment(spec: str):
-    """(c) ours: our BatchRandAugment with timm's fill."""
+    """(c) ours: our BatchRandAugment with timm's fill, a seeded CPU generator per batch (as the
+    trainer draws it)."""
+    import torch
+
     from fastvit_reduce.augment.randaugment import BatchRandAugment
 
-    return BatchRandAugment(spec, fill=RANDAUG_FILL)
+    ra, generator, calls = BatchRandAugment(spec, fill=RANDAUG_FILL), torch.Generator(), [0]
+
+    def apply(images):
+        calls[0] += 1
+        return ra(images, generator.manual_seed(calls[0]))
+    return apply
 
 
 def _ceiling_worker(beton: str, shard: int, shards: int, res: int, tasks, results) -> None:
