@@ -116,3 +116,12 @@ def test_a_truncated_beton_is_refused_before_training(cfg, tmp_path, capsys):
     assert main(["--config", cfg, f"--data.train_dataset={cut}", "--logging.experiment=cut"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and str(cut) in err and "damaged" in err
+
+
+def test_labels_beyond_num_classes_are_refused_without_classes_json(tmp_path, capsys):
+    from conftest import write_beton
+    write_beton(tmp_path / "six.beton", n=12, num_classes=6, size=16)  # labels 0..5, no .classes.json
+    cfg = write_tiny_config(tmp_path)
+    assert main(["--config", cfg, f"--data.train_dataset={tmp_path / 'six.beton'}", "--logging.experiment=x"]) == 2
+    err = capsys.readouterr().err
+    assert "holds labels 0..5, but model.num_classes=4" in err
