@@ -84,7 +84,7 @@ from .data.inspect import label_range, verify_beton
 from .data.orders import RepeatAugOrder
 from .ema import ModelEma
 from .models import gflops, mlp_stats, model_from_cfg
-from .runs import (FINAL_KEYS, LOG_KEYS, RunFolder, RunFolderError, check_experiment_name,
+from .runs import (RunFolder, RunFolderError, check_experiment_name,
                    config_changes, position, resume_position, tensor_hash, weights_hash)
 from .seeding import derive
 from .strategies import STRATEGIES, StrategyError
