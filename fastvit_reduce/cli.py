@@ -11,6 +11,7 @@
     fastvit-reduce report   RUN_DIR...                                  sweep summary table/plot
     fastvit-reduce compare  RUN_A RUN_B                                 same weights? first differing epoch
     fastvit-reduce bench    e2e|gpu|threads ...                         vs timm's pipeline / GPU check / OpenMP
+    fastvit-reduce bench    eval RUN_DIR... --val-dir D                 same weights, our vs timm's val pipeline
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ COMMANDS = {
     "bench e2e": "fastvit_reduce.bench.e2e",
     "bench gpu": "fastvit_reduce.bench.gpu",
     "bench threads": "fastvit_reduce.bench.threads",
+    "bench eval": "fastvit_reduce.bench.evalpaths",
     "train": "fastvit_reduce.trainer",
     "sweep": "fastvit_reduce.sweep",
     "report": "fastvit_reduce.report",

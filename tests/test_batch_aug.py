@@ -150,6 +150,22 @@ def test_erasing_happens_before_mixing():
     assert erased.eq(0).all(1).flatten(1).any(1).all()  # every image had a box before mixing
 
 
+def test_erase_order_after_mix_erases_the_mixed_batch():
+    """``erase_order=after_mix`` (the order before issue 12, kept for the accuracy-lever study):
+    mix first, then erase the mixed images, from the same seeded draws."""
+    aug = BatchAugment(C, MEAN, STD, mixup=1.0, cutmix=0.0, reprob=1.0, remode="const",
+                       erase_order="after_mix")
+    images, labels = batch(6, size=40)
+    x, t = aug(images, labels, seed=9)
+    mixed, want_t = aug.mixup.mix(normalize(images, MEAN, STD), labels, np.random.default_rng(9))
+    want_x = aug.erasing(mixed, torch.Generator().manual_seed(9))
+    assert torch.equal(x, want_x) and torch.equal(t, want_t)
+    before = BatchAugment(C, MEAN, STD, mixup=1.0, cutmix=0.0, reprob=1.0, remode="const")
+    assert not torch.equal(before(images, labels, seed=9)[0], x)
+    with pytest.raises(ValueError, match="erase_order"):
+        BatchAugment(C, MEAN, STD, erase_order="sometimes")
+
+
 def test_erasing_box_statistics_follow_timm():
     """Area fraction in [0.02, 1/3], aspect ratio in [0.3, 3.3] (within rounding), probability."""
     er = BatchRandomErasing(probability=0.5, mode="const")

@@ -79,6 +79,39 @@ def test_val_loader_matches_timm_eval_transform(beton, capsys):
     assert max(diffs) <= MAD_LIMIT
 
 
+def test_train_crop_resize_against_timms_interpolations(beton, capsys):
+    """The train crop's resize: ffcv's decoder resizes with cv2 INTER_AREA and cannot be told
+    otherwise (``resize_crop`` in libffcv); timm's RandomResizedCrop picks PIL bilinear or bicubic
+    at random. Same boxes (timm's own ``get_params``, seeded), same stored pixels: the mean
+    absolute difference per interpolation, split into crops that shrink and crops that enlarge."""
+    import random
+
+    from ffcv.libffcv import resize_crop
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    random.seed(0)
+    rrc = RandomResizedCropAndInterpolation(RES)
+    diffs = {(kind, way): [] for kind in ("bilinear", "bicubic") for way in ("shrink", "enlarge")}
+    for img in stored_pixels(beton):
+        pil = Image.fromarray(img)
+        for _ in range(12):
+            i, j, h, w = rrc.get_params(pil, rrc.scale, rrc.ratio)
+            ours = np.zeros((RES, RES, 3), np.uint8)
+            resize_crop(np.ascontiguousarray(img), i, i + h, j, j + w, ours)
+            way = "shrink" if h * w >= RES * RES else "enlarge"
+            for kind, mode in (("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)):
+                theirs = np.asarray(pil.crop((j, i, j + w, i + h)).resize((RES, RES), mode))
+                diffs[kind, way].append(float(np.abs(theirs.astype(float) - ours).mean()))
+    with capsys.disabled():
+        print("\ntrain crop: ffcv INTER_AREA vs PIL, MAD in grey levels (mean, max over crops):")
+        for (kind, way), d in diffs.items():
+            print(f"  {kind:8s} {way:7s} n={len(d):3d} mean {np.mean(d):.2f} max {np.max(d):.2f}")
+    assert all(d for d in diffs.values())  # both kinds of crop were drawn
+    # the bound this test keeps: a change to the resize (or to the boxes) shows up here
+    assert max(np.mean(d) for d in diffs.values()) <= 3.0
+
+
 def test_crop_box_is_timms_geometry():
     # 512 x 512 at 224 / 0.9: timm resizes to 248 and keeps [12, 236), i.e. [24.8, 487.2) stored
     assert timm_center_crop(512, 512, 224, 0.9) == (25, 25, 462, 462)

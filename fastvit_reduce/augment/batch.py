@@ -9,9 +9,9 @@ image, then the train loop mixes the batch):
 2. ``normalize`` with the model's mean/std (float32; the cast to the AMP dtype comes last);
 3. ``BatchRandomErasing``: timm's ``RandomErasing`` per image on the normalised batch (its
    'pixel'/'rand' modes draw normal noise, which is meant for normalised data). Before mixing,
-   as timm does: erasing after mixing (this module until now) cuts boxes out of both mixed
-   images at once and leaves them unmixed; it is one candidate for the 3-point gap to timm
-   (issue 12);
+   as timm does. Erasing after mixing (``augment.erase_order=after_mix``, this module's order
+   before issue 12, kept for the accuracy-lever study) cuts boxes out of both mixed images at
+   once and leaves them unmixed;
 4. ``SeededMixup``: timm ``Mixup`` (mixup / cutmix, switch prob, mode, label smoothing) → soft
    targets.
 
@@ -72,6 +72,9 @@ Section("augment", "on-device batch augmentation (defaults: the DeiT recipe)").p
     remode=Param(Choice("pixel", "rand", "const"), "random erasing fill: per-pixel noise, "
                  "per-box colour, or zeros", default="pixel"),
     recount=Param(Number(int, 1), "max erased boxes per image", default=1),
+    erase_order=Param(Choice("before_mix", "after_mix"), "random erasing per image before "
+                      "mixup/cutmix (timm's order) or on the mixed batch (this project's order "
+                      "before issue 12, kept for the accuracy-lever study)", default="before_mix"),
     aug_repeats=Param(Number(int, 1), "repeated augmentation: copies of each image per epoch "
                       "(read by the train loader's order); 1 = off", default=3),
 )
@@ -279,7 +282,8 @@ class BatchAugment:
                  randaugment: str = "", mixup: float = 0.0, cutmix: float = 0.0,
                  mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
                  mixup_mode: str = "batch", label_smoothing: float = 0.1, reprob: float = 0.0,
-                 remode: str = "pixel", recount: int = 1, device="cpu",
+                 remode: str = "pixel", recount: int = 1, erase_order: str = "before_mix",
+                 device="cpu",
                  dtype: torch.dtype = torch.float32):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -289,6 +293,9 @@ class BatchAugment:
             raise ValueError(f"mixup_mode must be batch, pair or elem, got {mixup_mode!r}")
         if remode not in ("pixel", "rand", "const"):
             raise ValueError(f"remode must be pixel, rand or const, got {remode!r}")
+        if erase_order not in ("before_mix", "after_mix"):
+            raise ValueError(f"erase_order must be before_mix or after_mix, got {erase_order!r}")
+        self.erase_after_mix = erase_order == "after_mix"
         self.num_classes = num_classes
         self.mean, self.std = _channel_stats(mean, "mean"), _channel_stats(std, "std")
         if min(self.std) <= 0:
@@ -344,11 +351,13 @@ class BatchAugment:
         # lam + (1 - lam) != 1, so the soft targets would not sum to 1
         mean_t, std_t = self._stats(images_uint8.device)
         x = (images_uint8.float() - mean_t) / std_t  # as normalize(), with cached constants
-        if self.erasing is not None:
+        if self.erasing is not None and not self.erase_after_mix:
             x = self.erasing(x, generator)  # per image, before mixing (timm's order)
         targets = labels
         if self.mixup is not None and len(x):
             x, targets = self._mix(x, labels, np.random.default_rng(int(seed)))
+        if self.erasing is not None and self.erase_after_mix:
+            x = self.erasing(x, generator)
         return x.to(self.dtype), targets
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,6 +384,7 @@ class BatchAugment:
 @param("augment.reprob")
 @param("augment.remode")
 @param("augment.recount")
+@param("augment.erase_order")
 def augment_from_config(num_classes: int, mean, std, label_smoothing: float, device,
                         dtype: torch.dtype = torch.float32, **augment) -> BatchAugment:
     """``BatchAugment`` from the current config's ``augment`` section (keys may be overridden)."""
@@ -383,7 +393,7 @@ def augment_from_config(num_classes: int, mean, std, label_smoothing: float, dev
 
 
 AUGMENT_KEYS = ("randaugment", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode",
-                "reprob", "remode", "recount")  # the augment.* keys BatchAugment reads
+                "reprob", "remode", "recount", "erase_order")  # the augment.* keys BatchAugment reads
 
 
 def augment_from_cfg(cfg: dict, num_classes: int, mean, std, label_smoothing: float, device,

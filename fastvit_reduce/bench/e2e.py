@@ -92,6 +92,20 @@ def _eval_data_config(cfg: dict) -> dict:
     return resolve_data_config({}, model=model)
 
 
+def timm_val_loader(cfg: dict, data_cfg: dict, val_dir: str, workers: int, **common):
+    """timm's eval loader on an ImageFolder, as ``train.py`` builds it: PIL, resize the short side
+    to ``img / crop_pct`` with the model's interpolation, centre crop (``create_transform``
+    ``is_training=False``); ``common``: create_loader's mean, std, device, prefetcher, ..."""
+    from timm.data import create_dataset, create_loader
+
+    val_res = cfg["validation.resolution"] or cfg["model.img_size"]
+    val_set = create_dataset("", root=val_dir, split="validation", is_training=False,
+                             batch_size=cfg["validation.batch_size"])
+    return create_loader(val_set, input_size=(3, val_res, val_res), batch_size=cfg["validation.batch_size"],
+                         is_training=False, interpolation=data_cfg["interpolation"], num_workers=workers,
+                         crop_pct=cfg["data.crop_pct"] or data_cfg["crop_pct"], **common)
+
+
 class TimmSource:
     """Train batches from timm's own loaders on an ImageFolder (the ``TrainSource`` protocol).
 
@@ -125,7 +139,6 @@ class TimmSource:
         self.distributed = distributed
         data_cfg = _eval_data_config(cfg)
         res = cfg["resolution.max_res"]
-        val_res = cfg["validation.resolution"] or cfg["model.img_size"]
         mixup_active = cfg["augment.mixup"] > 0 or cfg["augment.cutmix"] > 0
         mixup_args = dict(mixup_alpha=cfg["augment.mixup"], cutmix_alpha=cfg["augment.cutmix"], cutmix_minmax=None,
                           prob=cfg["augment.mixup_prob"], switch_prob=cfg["augment.mixup_switch_prob"],
@@ -155,14 +168,7 @@ class TimmSource:
             color_jitter=0.4, auto_augment=cfg["augment.randaugment"] or None, num_aug_repeats=repeats,
             num_aug_splits=0, interpolation="random", num_workers=workers,
             worker_seeding="all", collate_fn=collate_fn, **common)
-        self.val_loader = None
-        if val_dir:
-            val_set = create_dataset("", root=val_dir, split="validation", is_training=False,
-                                     batch_size=cfg["validation.batch_size"])
-            self.val_loader = create_loader(
-                val_set, input_size=(3, val_res, val_res), batch_size=cfg["validation.batch_size"],
-                is_training=False, interpolation=data_cfg["interpolation"], num_workers=workers,
-                crop_pct=cfg["data.crop_pct"] or data_cfg["crop_pct"], **common)
+        self.val_loader = timm_val_loader(cfg, data_cfg, val_dir, workers, **common) if val_dir else None
 
     def __len__(self) -> int:
         return len(self.loader)

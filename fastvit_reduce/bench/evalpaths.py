@@ -1,0 +1,172 @@
+"""``fastvit-reduce bench eval``: the same trained weights through two validation pipelines.
+
+    fastvit-reduce bench eval RUN_DIR [RUN_DIR ...] --val-dir sample/val [--weights ema|raw] [--json]
+
+For each run folder, the weights of its ``last.pt`` (the EMA model by default, the headline when
+EMA is on) are evaluated twice on the same validation photos:
+
+* ``ours`` — the trainer's val loader on the run's ``data.val_dataset`` ``.beton``
+  (``TimmCenterCropDecoder``: timm's crop box, resized from the stored image with cv2 INTER_AREA);
+* ``timm`` — timm's eval loader on the original ImageFolder (PIL, the model's interpolation,
+  bicubic for ViTs, ``crop_pct``), as ``train.py`` validates.
+
+The difference in top-1 is what the evaluation pipeline alone moves the reported number, with
+training held fixed: one lever of issue 12's accuracy study that costs no training run. The
+class lists of the ``.beton`` and the folder must match (same names, same order).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A bad command line, run folder or class list; one ``error:`` line, exit code 2."""
+
+
+def top1(model, batches) -> tuple[float, int]:
+    """Top-1 (%) of ``model`` over ``(x, labels)`` batches and the number of images."""
+    import torch
+
+    hits = seen = 0
+    with torch.no_grad():
+        for x, labels in batches:
+            hits += int((model(x).argmax(1) == labels).sum())
+            seen += len(labels)
+    return 100.0 * hits / max(seen, 1), seen
+
+
+def read_config(run: Path) -> dict:
+    """The resolved config a run folder's ``params.json`` records."""
+    params_path = run / "params.json"
+    if not params_path.is_file():
+        raise UsageError(f"{run}: no params.json (not a run folder)")
+    return json.loads(params_path.read_text())["config"]
+
+
+def load_run(run: Path, weights: str):
+    """(cfg, model in eval mode with ``weights`` of ``run/last.pt``, timm data config)."""
+    from timm.data import resolve_data_config
+
+    from fastvit_reduce.checkpoint import CheckpointError, load
+    from fastvit_reduce.models import model_from_cfg
+
+    cfg = read_config(run)
+    try:
+        state = load(run / "last.pt")
+    except (CheckpointError, FileNotFoundError) as e:
+        raise UsageError(f"{run}: {e}") from None
+    img, val_res = cfg["model.img_size"], cfg["validation.resolution"] or cfg["model.img_size"]
+    dynamic = {cfg["resolution.min_res"], cfg["resolution.max_res"], val_res} != {img}
+    model = model_from_cfg(cfg, dynamic_img_size=dynamic)
+    if weights == "ema":
+        if not state.get("ema"):
+            raise UsageError(f"{run}: last.pt has no EMA weights (use --weights raw)")
+        weights_state = {k.removeprefix("module."): v for k, v in state["ema"].items()}
+    else:
+        weights_state = state["model"]
+    model.load_state_dict(weights_state)
+    return cfg, model.eval(), resolve_data_config({}, model=model)
+
+
+def check_classes(beton: str, val_dir: str) -> None:
+    """Refuse a val folder whose class folders are not the ``.beton``'s classes (the writer's
+    ``.classes.json``), in the same order: the labels would not match."""
+    names = Path(f"{beton}.classes.json")  # read here: importing ffcv before timm forks would hang
+    ours = json.loads(names.read_text()) if names.is_file() else None
+    theirs = sorted(p.name for p in Path(val_dir).iterdir() if p.is_dir())
+    if ours is not None and ours != theirs:
+        raise UsageError(f"{beton} holds classes {ours[:3]}... but {val_dir} has {theirs[:3]}...: "
+                         f"the labels would not match")
+
+
+def timm_top1(run: Path, val_dir: str, weights: str) -> tuple[float, int]:
+    """The run's top-1 (%) and image count through timm's val loader on the ImageFolder."""
+    import torch
+
+    from fastvit_reduce.bench.e2e import guard_posterize, timm_val_loader
+
+    cfg, model, data_cfg = load_run(run, weights)
+    guard_posterize()
+    loader = timm_val_loader(cfg, data_cfg, val_dir, workers(cfg), mean=tuple(data_cfg["mean"]),
+                             std=tuple(data_cfg["std"]), pin_memory=False, device=torch.device("cpu"),
+                             distributed=False, use_prefetcher=True, persistent_workers=False)
+    return top1(model, loader)
+
+
+def ours_top1(run: Path, val_dir: str, weights: str) -> tuple[float, int]:
+    """The run's top-1 (%) and image count through the trainer's val loader on its ``.beton``."""
+    from fastvit_reduce.augment.batch import normalize
+    from fastvit_reduce.data.loaders import create_val_loader
+
+    cfg, model, data_cfg = load_run(run, weights)
+    loader = create_val_loader(cfg["data.val_dataset"], cfg["validation.batch_size"], "cpu",
+                               res=cfg["validation.resolution"] or cfg["model.img_size"],
+                               crop_pct=cfg["data.crop_pct"] or data_cfg["crop_pct"],
+                               num_workers=workers(cfg), in_memory=True, distributed=False,
+                               channels_last=False)
+    try:
+        return top1(model, ((normalize(x, data_cfg["mean"], data_cfg["std"]), y) for x, y in loader))
+    finally:
+        loader.close()
+
+
+def workers(cfg: dict) -> int:
+    import os
+    return cfg["data.num_workers"] or len(os.sched_getaffinity(0))
+
+
+def evaluate(runs: list[Path], val_dir: str, weights: str) -> list[dict]:
+    """One row per run: top-1 through timm's val loader and through ours, same weights."""
+    # every timm pass first, every ffcv pass after: timm forks worker processes, and a process
+    # that has started numba's TBB thread pool (ffcv's decoding) and then forks hangs at exit in
+    # numba's unload_tbb (seen here: the futex wait of an orphaned TBB task group)
+    for run in runs:
+        check_classes(read_config(run)["data.val_dataset"], val_dir)
+    timm = [timm_top1(run, val_dir, weights) for run in runs]
+    rows = []
+    for run, (timm_top_1, n_timm) in zip(runs, timm):
+        ours_top_1, n_ours = ours_top1(run, val_dir, weights)
+        if n_ours != n_timm:
+            raise UsageError(f"{run}: the .beton holds {n_ours} val images, {val_dir} {n_timm}")
+        rows.append({"run": str(run), "weights": weights, "images": n_ours, "ours_top_1": ours_top_1,
+                     "timm_top_1": timm_top_1, "difference": ours_top_1 - timm_top_1})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'run':<40} {'images':>6} {'ours %':>7} {'timm %':>7} {'ours-timm':>9}"]
+    for r in rows:
+        lines.append(f"{Path(r['run']).name[:40]:<40} {r['images']:>6} {r['ours_top_1']:>7.2f} "
+                     f"{r['timm_top_1']:>7.2f} {r['difference']:>+9.2f}")
+    if len(rows) > 1:
+        diffs = [r["difference"] for r in rows]
+        lines.append(f"{'mean (sd)':<40} {'':>6} {statistics.mean(r['ours_top_1'] for r in rows):>7.2f} "
+                     f"{statistics.mean(r['timm_top_1'] for r in rows):>7.2f} {statistics.mean(diffs):>+9.2f}"
+                     f" ({statistics.stdev(diffs):.2f})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="fastvit-reduce bench eval", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run folders (each with params.json and last.pt)")
+    p.add_argument("--val-dir", required=True, help="the ImageFolder val split the .beton was written from")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="which weights of last.pt (default ema)")
+    p.add_argument("--json", action="store_true", help="print JSON rows")
+    args = p.parse_args(argv)
+    try:
+        if not Path(args.val_dir).is_dir():
+            raise UsageError(f"--val-dir {args.val_dir} is not a folder")
+        rows = evaluate([Path(run) for run in args.runs], args.val_dir, args.weights)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
