@@ -23,6 +23,10 @@ so a run is exactly what you would get by hand, and its folder is ``OUT/<config 
 * ``--paired``: all configs train in ONE trainer process, stepping in turn on each batch, which is
   decoded and augmented once (``train.py --config A --pair-with B C``). The comparison is then
   between strategies on identical data; ``report`` adds a paired-difference table.
+* ``--cpu-slots N`` (CPU): N jobs at once, each pinned to its own 1/N of the cores (the trainer
+  sizes its threads from that). With ``--paired`` the pair is split over N processes
+  (``--pair-part I/N``), each decoding the same batches: one small ViT's step does not use more
+  than about one core (README, "Speed"), so on a CPU this is how a paired sweep fills the machine.
 * At the end it writes ``OUT/sweep_summary.{csv,md,png}`` (``fastvit_reduce.report``): this
   sweep's runs in config order, then any other run folders already in ``OUT``.
 
@@ -67,11 +71,13 @@ class Job:
     log: Path
     pair: list[Path] = field(default_factory=list)       # --paired: the other configs
     pair_dirs: list[Path] = field(default_factory=list)  # --paired: their run folders
+    part: tuple[int, int] | None = None                  # --paired --cpu-slots N: (i, N)
     status: str = "not started"
     returncode: int | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
     logf: object = field(default=None, repr=False)  # open log file while running
     gpus: list[str] = field(default_factory=list)
+    cpus: list[int] = field(default_factory=list)        # --cpu-slots: the cores it is pinned to
     port: int | None = None
     start: float = 0.0
     log_offset: int = 0                # where this attempt's output starts in the (appended) log
@@ -131,10 +137,12 @@ def free_port(avoid: set[int]) -> int:
 
 def train_args(job: Job, out: Path, overrides: list[str]) -> list[str]:
     """The trainer's arguments for ``job`` (config, run folder, then the sweep's --set overrides).
-    Paired: ``--pair-with`` the other configs; each run is named after its config file."""
+    Paired: ``--pair-with`` the other configs (and ``--pair-part I/N`` for one of N processes);
+    each run is named after its config file."""
     if job.pair:
+        part = [f"--pair-part={job.part[0]}/{job.part[1]}"] if job.part else []
         return (["--config", str(job.config.resolve()), "--pair-with", *(str(c.resolve()) for c in job.pair),
-                 f"--logging.folder={out.resolve()}"] + [f"--{kv}" for kv in overrides])
+                 *part, f"--logging.folder={out.resolve()}"] + [f"--{kv}" for kv in overrides])
     return ["--config", str(job.config.resolve()), f"--logging.folder={out.resolve()}",
             f"--logging.experiment={job.name}"] + [f"--{kv}" for kv in overrides]
 
@@ -196,13 +204,15 @@ def finish_status(job: Job) -> str:
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: signal this process gets when its parent thread dies
 
 
-def launch(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
+def launch(cmd: list[str], cpus: list[int] | None = None, **popen_kwargs) -> subprocess.Popen:
     """Start a job in its own process group that dies with the sweep.
 
     Own session: a Ctrl-C in the terminal reaches the job only through the sweep, once, as SIGTERM
     (see ``Runner.stop``). ``PR_SET_PDEATHSIG=SIGTERM`` (Linux): if the sweep is kill -9'd, the job
     (torchrun, which forwards SIGTERM to its trainers, which save ``last.pt``) is ended instead of
     living on re-parented to init and racing a re-run sweep for the same run folder.
+    ``cpus``: pin the job (and what it starts) to these cores; the trainer sizes its torch and
+    decode threads from its CPU affinity.
     """
     preexec = None
     if sys.platform.startswith("linux"):
@@ -210,6 +220,8 @@ def launch(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
         parent = os.getpid()
 
         def preexec() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
             prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
             if os.getppid() != parent:  # the sweep died before prctl took effect
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -217,33 +229,36 @@ def launch(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
 
 
 class Runner:
-    """Starts jobs on free GPU slots (or one at a time on CPU) and collects their status."""
+    """Starts jobs on free GPU slots (or CPU slots: core sets) and collects their status."""
 
     def __init__(self, jobs: list[Job], out: Path, overrides: list[str], gpus: list[str],
-                 gpus_per_run: int):
+                 gpus_per_run: int, cpu_sets: list[list[int]] | None = None):
         self.jobs, self.out, self.overrides = jobs, out, overrides
         self.nproc = gpus_per_run if gpus else 1
-        # each slot is a set of GPUs one job may use; CPU: a single slot without GPUs
+        # each slot is (GPUs, cores) one job may use; CPU: one slot per core set (no pinning
+        # with a single slot: the job gets every core this sweep may use)
         starts = range(0, len(gpus) - gpus_per_run + 1, gpus_per_run)
-        self.slots = [gpus[i:i + gpus_per_run] for i in starts] if gpus else [[]]
+        cpu_sets = cpu_sets if cpu_sets and len(cpu_sets) > 1 else [[]]
+        self.slots = [(gpus[i:i + gpus_per_run], []) for i in starts] if gpus else [([], c) for c in cpu_sets]
         self.stream = len(self.slots) == 1  # one job at a time: show its output live
         self.stopping = False
 
-    def _start(self, job: Job, slot: list[str], busy_ports: set[int]) -> None:
-        job.gpus, job.port = slot, free_port(busy_ports)
+    def _start(self, job: Job, slot: tuple[list[str], list[int]], busy_ports: set[int]) -> None:
+        (job.gpus, job.cpus), job.port = slot, free_port(busy_ports)
         env = dict(os.environ)
-        if slot:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
+        if job.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(job.gpus)
         cmd = torchrun_command(job, self.out, self.overrides, self.nproc, job.port)
         job.log.parent.mkdir(parents=True, exist_ok=True)
         job.log_offset = job.log.stat().st_size if job.log.is_file() else 0
         resuming = " (resuming from last.pt)" if (job.run_dir / "last.pt").is_file() else ""
-        where = f"GPU {','.join(slot)}" if slot else "CPU"
+        where = f"GPU {','.join(job.gpus)}" if job.gpus else \
+            f"CPU cores {','.join(map(str, job.cpus))}" if job.cpus else "CPU"
         print(f"sweep: start {job.name}{resuming} on {where} — log {job.log}", flush=True)
         job.logf = open(job.log, "ab")
         job.logf.write(f"\n$ {shlex.join(cmd)}\n".encode())
         job.logf.flush()
-        job.proc = launch(cmd, env=env, stdout=subprocess.PIPE if self.stream else job.logf,
+        job.proc = launch(cmd, cpus=job.cpus, env=env, stdout=subprocess.PIPE if self.stream else job.logf,
                           stderr=subprocess.STDOUT)
         if self.stopping:  # why: a signal that came while we were starting found no process to stop
             job.proc.send_signal(signal.SIGTERM)
@@ -406,6 +421,20 @@ def summary_rows(jobs: list[Job], out: Path) -> list[dict]:
     return rows
 
 
+def split_cores(slots: int, gpus: bool) -> list[list[int]]:
+    """``--cpu-slots N``: this process's cores (its affinity) in N disjoint, contiguous sets."""
+    if slots < 1:
+        raise SweepError(f"--cpu-slots must be >= 1, got {slots}")
+    if slots > 1 and gpus:
+        raise SweepError("--cpu-slots is for CPU sweeps; with --gpus the jobs run one per GPU slot")
+    cores = sorted(os.sched_getaffinity(0))
+    if slots > len(cores):
+        raise SweepError(f"--cpu-slots {slots}: this sweep may use only {len(cores)} core(s) "
+                         f"({','.join(map(str, cores))})")
+    cut = [round(i * len(cores) / slots) for i in range(slots + 1)]
+    return [cores[a:b] for a, b in zip(cut, cut[1:])]
+
+
 def parse_gpus(text: str | None) -> list[str]:
     """``'0,1,2,3'`` -> ['0', '1', '2', '3'] (ids as CUDA_VISIBLE_DEVICES takes them)."""
     if not text:
@@ -424,9 +453,10 @@ def refuse_control_chars(what: str, text: str) -> None:
         raise SweepError(f"{what} contains a control character ({bad[0]!r}): {text!r}")
 
 
-def make_jobs(configs: list[str], out: Path, paired: bool = False) -> list[Job]:
-    """Jobs for the config files (one per config, or one paired job for all), refusing missing
-    files and two configs with the same stem."""
+def make_jobs(configs: list[str], out: Path, paired: bool = False, parts: int = 1) -> list[Job]:
+    """Jobs for the config files (one per config, or one paired job for all, or ``parts`` paired
+    jobs, ``--pair-part 1/N .. N/N`` of the same pair), refusing missing files and two configs
+    with the same stem."""
     jobs, seen = [], {}
     for c in map(Path, configs):
         if not c.is_file():
@@ -440,8 +470,17 @@ def make_jobs(configs: list[str], out: Path, paired: bool = False) -> list[Job]:
         first, rest = jobs[0], jobs[1:]
         name = "paired_" + "_".join(j.name for j in jobs)
         names = paired_names(first, rest, out)
-        return [Job(config=first.config, name=name, run_dir=out / names[0], log=out / "logs" / f"{name}.log",
-                    pair=[j.config for j in rest], pair_dirs=[out / n for n in names[1:]])]
+        parts = min(parts, len(names))
+        if parts == 1:
+            return [Job(config=first.config, name=name, run_dir=out / names[0], log=out / "logs" / f"{name}.log",
+                        pair=[j.config for j in rest], pair_dirs=[out / n for n in names[1:]])]
+        out_jobs = []
+        for i in range(1, parts + 1):  # the trainer's --pair-part: variants i, i + N, ...
+            mine, part_name = names[i - 1::parts], f"{name}_part{i}of{parts}"
+            out_jobs.append(Job(config=first.config, name=part_name, run_dir=out / mine[0],
+                                log=out / "logs" / f"{part_name}.log", pair=[j.config for j in rest],
+                                pair_dirs=[out / n for n in mine[1:]], part=(i, parts)))
+        return out_jobs
     return jobs
 
 
@@ -468,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=None,
                    help="GPU ids to use, e.g. 0,1,2,3 (default: none = CPU, one run at a time)")
     p.add_argument("--gpus-per-run", type=int, default=1, help="GPUs (= processes) per run (default 1)")
+    p.add_argument("--cpu-slots", type=int, default=1,
+                   help="CPU sweeps: run N jobs at once, each pinned to 1/N of this sweep's cores "
+                        "(with --paired: the pair split over N processes, the same batches in each; "
+                        "default 1 = one job at a time on every core)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer override for every run, e.g. --set training.epochs=1 (repeatable)")
     p.add_argument("--slurm", action="store_true", help="write (and submit) one sbatch script per config")
@@ -504,7 +547,10 @@ def main(argv: list[str]) -> int:
                 raise SweepError(f"--set expects section.key=value, got {kv!r}")
             if kv.split("=")[0] in ("logging.folder", "logging.experiment"):
                 raise SweepError(f"--set {kv.split('=')[0]} is chosen by the sweep (use --out / file names)")
-        jobs = make_jobs(args.configs, out, paired=args.paired)
+        if args.slurm and args.cpu_slots > 1:
+            raise SweepError("--cpu-slots runs jobs on this machine; it does not apply to --slurm")
+        cpu_sets = split_cores(args.cpu_slots, bool(gpus))
+        jobs = make_jobs(args.configs, out, paired=args.paired, parts=args.cpu_slots)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -529,7 +575,7 @@ def main(argv: list[str]) -> int:
         print(f"sweep: when the jobs are done: fastvit-reduce report {out}")
         return rc
 
-    runner = Runner(jobs, out, args.set, gpus, args.gpus_per_run)
+    runner = Runner(jobs, out, args.set, gpus, args.gpus_per_run, cpu_sets)
     previous = {s: signal.signal(s, runner.stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         started = time.time()

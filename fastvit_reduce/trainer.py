@@ -23,6 +23,10 @@ does not divide is refused, naming the per-GPU sizes that would. The peak lr is 
 model widths, reduction, EMA, optimizer, lr schedule, experiment name); everything that shapes the
 batches must agree. Each variant has its own model, optimizer, scaler, EMA, DDP wrapper and run
 folder (``fastvit_reduce.runs``), and a variant whose loss stays non-finite stops alone.
+``--pair-part I/N`` trains only variants I, I+N, ... of the pair (all of them are still checked
+and recorded as one pair): N processes with the same command line and parts 1..N train the whole
+pair on the same batches, each decoding them itself (``sweep --paired --cpu-slots N`` does this
+on a CPU, where one small model's step cannot use more than about one core).
 
 **Reproducible.** Every random draw is a pure function of integer keys (``fastvit_reduce.seeding``):
 crop and flip of (seed, epoch, sample), augmentation of (seed, epoch, step, rank), drop-path of
@@ -54,6 +58,7 @@ import math
 import os
 import platform
 import queue
+import re
 import resource
 import signal
 import subprocess
@@ -1184,12 +1189,19 @@ def experiment_name(cfg: dict, config_files: list[str]) -> str:
 def split_argv(argv: list[str]) -> tuple[list[list[str]], dict]:
     """Split the command line into one argv per variant (``--pair-with B.yaml C.yaml`` adds
     variants; other arguments apply to all) and the options of this entry point."""
-    opts = {"dry_run": False, "world_size": None}
+    opts = {"dry_run": False, "world_size": None, "part": None}
     shared, first, others, i = [], [], [], 0
     while i < len(argv):
         a = argv[i]
         if a == "--dry-run":
             opts["dry_run"] = True
+        elif a.startswith("--pair-part"):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 0 if "=" in a else 1
+            part = re.fullmatch(r"(\d+)/(\d+)", value)
+            if not part or not 1 <= int(part[1]) <= int(part[2]):
+                raise ConfigError(f"--pair-part needs I/N with 1 <= I <= N (e.g. 1/2), got {value!r}")
+            opts["part"] = (int(part[1]), int(part[2]))
         elif a.startswith("--world-size"):
             value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
             i += 0 if "=" in a else 1
@@ -1297,17 +1309,25 @@ def broadcast(d: Dist, values: list[bool]) -> list[bool]:
     return box[0]
 
 
-def resolve_variants(argv: list[str]) -> list[tuple[dict, str]]:
-    """(resolved config, run folder name) of every variant the command line asks for, checked to
-    be pairable; ``ConfigError`` naming the problem otherwise. ``sweep`` uses it too."""
-    argvs, _ = split_argv(argv)
+def resolve_variants(argv: list[str], whole: bool = False) -> list[tuple[dict, str]]:
+    """(resolved config, run folder name) of every variant the command line asks this process to
+    train (with ``--pair-part I/N``: variants I, I+N, I+2N, ... of the pair, counting from 1;
+    ``whole``: all of them), every variant of the pair checked to be pairable; ``ConfigError``
+    naming the problem otherwise. ``sweep`` uses it too."""
+    argvs, opts = split_argv(argv)
     out = []
     for a in argvs:
         load_config(a, SECTIONS)
         cfg = resolved(SECTIONS)
         out.append((cfg, experiment_name(cfg, config_files(a))))
     check_pairable([c for c, _ in out], [n for _, n in out])
-    return out
+    if opts["part"] is None or whole:
+        return out
+    part, parts = opts["part"]
+    if parts > len(out):
+        raise ConfigError(f"--pair-part {part}/{parts}: the pair has only {len(out)} variant(s); "
+                          f"use at most {len(out)} parts")
+    return out[part - 1::parts]
 
 
 def main(argv: list[str], source_factory=None) -> int:
@@ -1332,6 +1352,7 @@ def main(argv: list[str], source_factory=None) -> int:
     try:
         _, opts = split_argv(argv)
         cfgs, names = map(list, zip(*resolve_variants(argv)))
+        pair_names = [n for _, n in resolve_variants(argv, whole=True)] if opts["part"] else names
         world = opts["world_size"] or int(os.environ.get("WORLD_SIZE", 1))
         for c in cfgs:
             batch_plan(c, world)
@@ -1367,8 +1388,9 @@ def main(argv: list[str], source_factory=None) -> int:
         if d.main:
             for v in trainer.variants:
                 info = run_info(v.cfg, argv, d.world)
-                info["pair"] = {"variants": [f.name for f in folders], "baseline": folders[0].name} \
-                    if len(folders) > 1 else None
+                # the whole pair, also the variants other processes train (--pair-part)
+                info["pair"] = {"variants": pair_names, "baseline": pair_names[0]} \
+                    if len(pair_names) > 1 else None
                 info["plan"] = v.plan
                 v.folder.write_params(info)
             for w in resolution_warnings(cfgs[0], trainer.variants[0].crop_pct,

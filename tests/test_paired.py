@@ -138,3 +138,30 @@ def test_two_processes_keep_every_variant_in_sync(env):
         fin = final(env / "runs" / "ddp" / name)
         assert fin["completed"] and fin["world_size"] == 2 and fin["ranks_in_sync"] is True
         assert (fin["global_batch"], fin["accum"]) == (32, 2)
+
+
+@pytest.mark.usefixtures("no_jit")
+def test_pair_parts_train_the_pair_between_processes_with_the_same_weights(env, capsys):
+    """``--pair-part I/N``: variants I, I+N, ... of the pair, in their own process; each variant
+    ends exactly as in the one-process pair (``..._is_exactly_its_separate_run`` made those), and
+    every part records the whole pair, so ``report`` still shows one paired group."""
+    pair = ["--config", str(env / "baseline.yaml"), "--pair-with", str(env / "thin.yaml"), str(env / "grouped.yaml")]
+    parts = env / "runs" / "parts"
+    assert main([*pair, "--pair-part", "2/2", f"--logging.folder={parts}"]) == 0
+    assert {p.name for p in parts.iterdir()} == {"thin"}  # [baseline, thin, grouped][1::2]
+    assert main([*pair, "--pair-part=1/2", f"--logging.folder={parts}"]) == 0
+    assert {p.name for p in parts.iterdir()} == {"baseline", "thin", "grouped"}
+    one_process = env / "runs" / "paired"
+    if not (one_process / "thin" / "final.json").is_file():  # this test alone: make the reference
+        assert main([*pair, f"--logging.folder={one_process}"]) == 0
+    for name in ("baseline", "thin", "grouped"):
+        assert final(parts / name)["weights_hash"] == final(one_process / name)["weights_hash"], name
+        params = json.loads((parts / name / "params.json").read_text())
+        assert params["pair"] == {"variants": ["baseline", "thin", "grouped"], "baseline": "baseline"}
+    assert final(parts / "thin")["paired_with"] == []  # trained alone in its process
+    table = markdown_table([load_run(parts / n) for n in ("baseline", "thin", "grouped")])
+    assert "paired differences vs baseline" in table and "thin Δtop-1" in table
+    capsys.readouterr()
+    for bad, message in (("3/2", "1 <= I <= N"), ("1/4", "only 3 variant(s)"), ("x", "I/N")):
+        assert main([*pair, "--pair-part", bad, f"--logging.folder={parts}"]) == 2
+        assert message in capsys.readouterr().err
