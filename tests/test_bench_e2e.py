@@ -118,6 +118,32 @@ def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
         assert row["steady_img_s"] > 0 and row["startup_s"] is not None, row
 
 
+def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp_path, capsys):
+    """--sweep with --cpu-slots 2: ours = the paired command as --pair-part 1/2 and 2/2, timm = its
+    runs two at a time; every config ends with a top-1 on both paths, and the sweep's wall time is
+    the whole group's (at most the sum of its runs' wall times)."""
+    import json
+
+    from fastvit_reduce.bench.e2e import main
+    configs = [f"rn_configs/sample/{n}.yaml" for n in ("baseline", "thin", "grouped")]
+    rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
+               "--beton-dir", str(tmp_path / "betons"), "--config", "rn_configs/sample/base.yaml", "--quick",
+               "--max-res", "64", "--write-workers", "1", "--json", "--sweep", *configs, "--cpu-slots", "2",
+               "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
+               "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1",
+               "--set", f"model.num_classes={CLASSES}"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, out["runs"]
+    assert [r["path"] for r in out["runs"]] == ["ours", "timm"]
+    for row in out["runs"]:
+        assert set(row["top_1"]) == {"baseline", "thin", "grouped"}
+        assert all(0 <= t <= 100 for t in row["top_1"].values()), row
+    logs = sorted((tmp_path / "betons" / "runs" / "ours_sweep_r0").glob("part*.out"))
+    assert [p.name for p in logs] == ["part1.out", "part2.out"]
+    params = json.loads((tmp_path / "betons" / "runs" / "ours_sweep_r0" / "thin" / "params.json").read_text())
+    assert "--pair-part=2/2" in params["argv"] and params["pair"]["variants"] == ["baseline", "thin", "grouped"]
+
+
 def test_bad_folder_is_one_line(tmp_path, capsys):
     from fastvit_reduce.bench.e2e import main
     rc = main(["--train-dir", str(tmp_path / "nope"), "--val-dir", str(tmp_path), "--beton-dir", str(tmp_path),

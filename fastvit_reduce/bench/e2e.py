@@ -209,17 +209,40 @@ def child_main(path: str, train_argv: list[str], train_dir: str, val_dir: str) -
 
 def run_child(path: str, train_argv: list[str], args, run_dir: Path) -> dict:
     """Run one path as a child process; return its row (None for what it did not report)."""
-    cmd = [sys.executable, "-m", "fastvit_reduce.bench.e2e", "--child", path, "--train-dir", args.train_dir,
-           "--val-dir", args.val_dir, "--", *train_argv]
-    start = time.perf_counter()
-    log = open(run_dir.parent / f"{run_dir.name}.out", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child (and what it waited for)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    log.close()
-    row = dict(path=path, rc=proc.returncode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
-               startup_s=None, steady_img_s=None, data_wait_frac=None, top_1=None, log=log.name)
+    return run_children(path, [(train_argv, run_dir)], args, [[]])[0]
+
+
+def run_children(path: str, jobs: list[tuple[list[str], Path]], args, cpu_sets: list[list[int]]) -> list[dict]:
+    """Run ``path``'s children (trainer argv, run folder), ``len(cpu_sets)`` at a time, each pinned
+    to its core set (``[]``: not pinned); return their rows in order, each with its own wall time
+    and CPU seconds (``rusage``)."""
+    pending, running, rows = list(enumerate(jobs)), {}, {}
+    while pending or running:
+        free = [c for c in range(len(cpu_sets)) if c not in {slot for slot, *_ in running.values()}]
+        while pending and free:
+            k, (train_argv, run_dir) = pending.pop(0)
+            slot = free.pop(0)
+            cmd = [sys.executable, "-m", "fastvit_reduce.bench.e2e", "--child", path, "--train-dir",
+                   args.train_dir, "--val-dir", args.val_dir, "--", *train_argv]
+            log = open(run_dir.parent / f"{run_dir.name}.out", "w")
+            cores = cpu_sets[slot]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                    preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None)
+            running[proc.pid] = (slot, k, run_dir, log, time.perf_counter())
+        pid, status, usage = os.wait4(-1, 0)  # rusage of that child (and what it waited for)
+        if pid not in running:
+            continue
+        slot, k, run_dir, log, start = running.pop(pid)
+        log.close()
+        rows[k] = child_row(path, run_dir, log.name, os.waitstatus_to_exitcode(status),
+                            time.perf_counter() - start, usage.ru_utime + usage.ru_stime)
+    return [rows[k] for k in range(len(jobs))]
+
+
+def child_row(path: str, run_dir: Path, log: str, rc: int, wall: float, cpu: float) -> dict:
+    """One run's row from its exit, times and run folder (None for what it did not report)."""
+    row = dict(path=path, rc=rc, wall_s=wall, cpu_s=cpu, startup_s=None, steady_img_s=None,
+               data_wait_frac=None, top_1=None, log=log)
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
         if (run_dir / "log.jsonl").is_file() else []
     steady = [r["train_img_s"] for r in rows if r.get("epoch", 0) >= 1 and r.get("train_img_s")] or \
@@ -307,6 +330,10 @@ def parse(argv: list[str]):
                    help="a strategy sweep instead of one run: ours trains these configs PAIRED in one "
                         "process, timm trains them one after the other (e.g. rn_configs/sample/"
                         "{baseline,thin,shallow,grouped}.yaml; --config still names the data recipe)")
+    p.add_argument("--cpu-slots", type=int, default=1,
+                   help="--sweep: processes at once, each pinned to 1/N of the cores: ours splits the "
+                        "paired command over N processes (--pair-part), timm runs N of its runs at a time "
+                        "(default 1: one process, all cores)")
     p.add_argument("--json", action="store_true", help="print JSON (per-run rows and the summary)")
     try:
         args = p.parse_args(argv)
@@ -374,6 +401,12 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
     """``--sweep``: K configs, ours paired in one process vs timm's K runs one after the other,
     interleaved per repeat; prints wall and CPU seconds of the whole sweep and each run's top-1."""
     stems = [Path(c).stem for c in args.sweep]
+    from fastvit_reduce.sweep import SweepError, split_cores
+    try:
+        cpu_sets = split_cores(args.cpu_slots, False) if args.cpu_slots > 1 else [[]]
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     common = [f"--data.train_dataset={betons['train']}", f"--data.val_dataset={betons['val']}",
               f"--training.epochs={args.epochs}", "--logging.progress=0", *[f"--{k}={v}" for k, v in sets.items()]]
     results = []
@@ -383,18 +416,23 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
             if folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
-            if path == "ours":
+            start = time.perf_counter()
+            if path == "ours":  # one paired command; with --cpu-slots N, its N parts at once
                 argv = ["--config", args.sweep[0], "--pair-with", *args.sweep[1:], f"--logging.folder={folder}", *common]
-                runs = [run_child(path, argv, args, folder / stems[0])]
-            else:
-                runs = [run_child(path, ["--config", c, f"--logging.folder={folder}", f"--logging.experiment={st}",
-                                         *common], args, folder / st) for c, st in zip(args.sweep, stems)]
+                parts = min(len(cpu_sets), len(stems))
+                jobs = [([*argv, f"--pair-part={i}/{parts}"] if parts > 1 else argv, folder / f"part{i}")
+                        for i in range(1, parts + 1)]
+                runs = run_children(path, jobs, args, cpu_sets[:parts])
+            else:  # timm's K runs, --cpu-slots N of them at a time
+                runs = run_children(path, [(["--config", c, f"--logging.folder={folder}", f"--logging.experiment={st}",
+                                             *common], folder / st) for c, st in zip(args.sweep, stems)], args, cpu_sets)
+            wall = time.perf_counter() - start
             tops = {}
             for st in stems:
                 f = folder / st / "final.json"
                 tops[st] = json.loads(f.read_text()).get("final_top_1") if f.is_file() else None
             results.append(dict(path=path, repeat=r, rc=max(x["rc"] for x in runs),
-                                wall_s=sum(x["wall_s"] for x in runs), cpu_s=sum(x["cpu_s"] for x in runs),
+                                wall_s=wall, cpu_s=sum(x["cpu_s"] for x in runs),
                                 top_1=tops))
             print(f"{path} sweep r{r}: rc {results[-1]['rc']}, {results[-1]['wall_s']:.1f} s", file=sys.stderr)
     med = {p: {k: statistics.median([x[k] for x in results if x["path"] == p]) for k in ("wall_s", "cpu_s")}
@@ -404,8 +442,12 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
                           "median": med, "ratio": {k: med["ours"][k] / med["timm"][k] for k in ("wall_s", "cpu_s")}},
                          indent=1))
     else:
-        print(f"bench e2e --sweep: {len(stems)} configs, {args.epochs} epoch(s); ours = one paired process, "
-              f"timm = {len(stems)} runs in a row; median of {args.repeats}")
+        slots = len(cpu_sets)
+        print(f"bench e2e --sweep: {len(stems)} configs, {args.epochs} epoch(s); " +
+              ("ours = one paired process, timm = its runs one after the other" if slots == 1 else
+               f"ours = the paired command split over {min(slots, len(stems))} processes (--pair-part), "
+               f"timm = its runs {slots} at a time; each process pinned to its own core(s)") +
+              f"; median of {args.repeats}")
         print(f".beton write (once, not in the rows): {beton_s:.1f} s")
         head = f"{'path':10} {'wall s':>8} {'CPU s':>8}  " + "  ".join(f"{st:>9}" for st in stems)
         print(head + "   (final top-1 %, last repeat)")
