@@ -274,6 +274,10 @@ def compare(a: str | Path, b: str | Path) -> tuple[bool, str]:
         missing = [str(r["path"]) for r in (ra, rb) if not r["final"].get("weights_hash")]
         return False, f"cannot compare: no weights hash in final.json of {', '.join(missing)}"
     lines = []
+    if fa.get("torch_threads") != fb.get("torch_threads") and None not in (fa.get("torch_threads"), fb.get("torch_threads")):
+        lines.append(f"torch threads differ ({fa['torch_threads']} vs {fb['torch_threads']}): float reductions "
+                     f"run in another order, so the weights can differ from the first update on "
+                     f"(set training.threads to compare)")
     if fa.get("first_batch_hash") != fb.get("first_batch_hash"):
         lines.append(f"first batches differ ({fa.get('first_batch_hash')} vs {fb.get('first_batch_hash')}):"
                      " different data, order or augmentation")

@@ -1107,6 +1107,7 @@ class Trainer:
                 "first_batch_hash": v.first_batch_hash, "epochs_done": len(rows), "updates": v.updates,
                 "world_size": self.d.world, **{k: self.plan[k] for k in ("global_batch", "accum", "per_gpu_batch")},
                 "peak_lr": v.plan["peak_lr"], "startup_s": getattr(self, "startup_s", None),
+                "torch_threads": self.threads,  # CPU results are bit-exact only at one count
                 "ranks_in_sync": ranks_in_sync, "paired_with": [w.name for w in self.variants if w is not v]}
 
 

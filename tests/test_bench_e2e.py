@@ -119,9 +119,8 @@ def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
 
 
 def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp_path, capsys):
-    """--sweep with --cpu-slots 2: ours = the paired command as --pair-part 1/2 and 2/2, timm = its
-    runs two at a time; every config ends with a top-1 on both paths, and the sweep's wall time is
-    the whole group's (at most the sum of its runs' wall times)."""
+    """--sweep with --cpu-slots 2: ours = the paired command as --pair-part 1/2 and 2/2; timm = its
+    runs one after the other, and again two at a time; every config ends with a top-1 in each row."""
     import json
 
     from fastvit_reduce.bench.e2e import main
@@ -134,7 +133,8 @@ def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp
                "--set", f"model.num_classes={CLASSES}"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0, out["runs"]
-    assert [r["path"] for r in out["runs"]] == ["ours", "timm"]
+    assert [r["path"] for r in out["runs"]] == ["ours", "timm", "timm x2"]
+    assert set(out["ratio"]) == {"ours/timm", "ours/timm x2"} and out["cpu_slots"] == 2
     for row in out["runs"]:
         assert set(row["top_1"]) == {"baseline", "thin", "grouped"}
         assert all(0 <= t <= 100 for t in row["top_1"].values()), row

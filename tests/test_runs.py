@@ -125,3 +125,33 @@ def test_labels_beyond_num_classes_are_refused_without_classes_json(tmp_path, ca
     assert main(["--config", cfg, f"--data.train_dataset={tmp_path / 'six.beton'}", "--logging.experiment=x"]) == 2
     err = capsys.readouterr().err
     assert "holds labels 0..5, but model.num_classes=4" in err
+
+
+def _fake_run(folder: Path, hashes: list[str], threads: int | None = 1, first_batch: str = "fb0") -> Path:
+    """A run folder as the trainer leaves it: log.jsonl rows per epoch and final.json."""
+    folder.mkdir(parents=True)
+    rows = [{"epoch": e, "train_loss": 2.0 - 0.1 * e, "eval_top1": 50.0 + e, "weights_hash": h}
+            for e, h in enumerate(hashes)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = {"weights_hash": hashes[-1], "first_batch_hash": first_batch, "epochs_done": len(hashes),
+             "completed": True}
+    if threads is not None:
+        final["torch_threads"] = threads
+    (folder / "final.json").write_text(json.dumps(final))
+    return folder
+
+
+def test_compare_says_equal_or_names_the_first_differing_epoch_and_why(tmp_path, capsys):
+    a = _fake_run(tmp_path / "a", ["h0", "h1", "h2"])
+    assert runs.main([str(a), str(_fake_run(tmp_path / "b", ["h0", "h1", "h2"]))]) == 0
+    assert capsys.readouterr().out.startswith("equal: final weights h2 in both")
+    c = _fake_run(tmp_path / "c", ["h0", "x1", "x2"], threads=2)
+    assert runs.main([str(a), str(c)]) == 1
+    out = capsys.readouterr().out
+    assert "different: final weights h2 vs x2" in out and "first differing epoch: 1 (weights_hash)" in out
+    assert "torch threads differ (1 vs 2)" in out  # the usual reason two CPU runs drift apart
+    d = _fake_run(tmp_path / "d", ["y0", "y1", "y2"], threads=None, first_batch="fb1")
+    equal, text = runs.compare(a, d)
+    assert not equal and "first batches differ" in text and "torch threads" not in text  # old run: no count
+    assert runs.main([str(a), str(tmp_path / "nowhere")]) == 2
+    assert "no final.json" in capsys.readouterr().err

@@ -234,6 +234,6 @@ def test_a_signal_during_job_start_still_stops_that_job(tmp_path, monkeypatch):
     runner = sweep.Runner([job], tmp_path / "out", [], gpus=[], gpus_per_run=1)
     runner.stream = False
     runner.stopping = True  # as if stop() ran while _start was building the command
-    runner._start(job, [], set())
+    runner._start(job, ([], []), set())  # a slot: (GPUs, cores)
     assert job.proc.wait(timeout=30) == -signal.SIGTERM
     job.logf.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -363,7 +364,15 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
         sep = argv.index("--")  # --child PATH --train-dir D --val-dir D -- TRAINER ARGS
         opts = dict(zip(argv[0:sep:2], argv[1:sep:2]))
-        return child_main(opts["--child"], argv[sep + 1:], opts["--train-dir"], opts["--val-dir"])
+        code = child_main(opts["--child"], argv[sep + 1:], opts["--train-dir"], opts["--val-dir"])
+        # why _exit: the timm path forks its loader workers from the trainer's batch-ahead thread
+        # in a process where ffcv has loaded numba's TBB layer; such a process can hang for ever
+        # at exit in numba's unload_tbb (seen here, 1 run in 4 on one pinned core). Everything is
+        # written by now: flush and leave without the interpreter's teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     try:
         args = parse(argv)
         betons, beton_s = write_betons(args)
@@ -398,8 +407,15 @@ def main(argv: list[str]) -> int:
 
 
 def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int:
-    """``--sweep``: K configs, ours paired in one process vs timm's K runs one after the other,
-    interleaved per repeat; prints wall and CPU seconds of the whole sweep and each run's top-1."""
+    """``--sweep``: K configs, interleaved per repeat, as rows:
+
+    * ``ours``: the paired command, in one process (``--cpu-slots 1``) or split over N pinned
+      processes (``--pair-part``);
+    * ``timm``: timm's K ordinary runs one after the other, each on every core (the ordinary way);
+    * ``timm xN`` (with ``--cpu-slots N``): timm's K runs N at a time, each pinned to its cores, as
+      a user who knows the machine would run them.
+
+    Prints wall and CPU seconds of each whole sweep, each run's top-1, and ours' ratios."""
     stems = [Path(c).stem for c in args.sweep]
     from fastvit_reduce.sweep import SweepError, split_cores
     try:
@@ -407,56 +423,59 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    slots = len(cpu_sets)
+    rows_wanted = [("ours", "ours", cpu_sets), ("timm", "timm", [[]])]
+    if slots > 1:
+        rows_wanted.append((f"timm x{slots}", "timm", cpu_sets))
     common = [f"--data.train_dataset={betons['train']}", f"--data.val_dataset={betons['val']}",
               f"--training.epochs={args.epochs}", "--logging.progress=0", *[f"--{k}={v}" for k, v in sets.items()]]
     results = []
     for r in range(args.repeats):
-        for path in PATHS:
-            folder = out / f"{path}_sweep_r{r}"
+        for label, path, sets_ in rows_wanted:
+            folder = out / f"{label.replace(' ', '_')}_sweep_r{r}"
             if folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
             start = time.perf_counter()
-            if path == "ours":  # one paired command; with --cpu-slots N, its N parts at once
+            if path == "ours":  # one paired command; with N core sets, its N parts at once
                 argv = ["--config", args.sweep[0], "--pair-with", *args.sweep[1:], f"--logging.folder={folder}", *common]
-                parts = min(len(cpu_sets), len(stems))
+                parts = min(len(sets_), len(stems))
                 jobs = [([*argv, f"--pair-part={i}/{parts}"] if parts > 1 else argv, folder / f"part{i}")
                         for i in range(1, parts + 1)]
-                runs = run_children(path, jobs, args, cpu_sets[:parts])
-            else:  # timm's K runs, --cpu-slots N of them at a time
+                runs = run_children(path, jobs, args, sets_[:parts])
+            else:  # timm's K runs, len(sets_) of them at a time
                 runs = run_children(path, [(["--config", c, f"--logging.folder={folder}", f"--logging.experiment={st}",
-                                             *common], folder / st) for c, st in zip(args.sweep, stems)], args, cpu_sets)
+                                             *common], folder / st) for c, st in zip(args.sweep, stems)], args, sets_)
             wall = time.perf_counter() - start
             tops = {}
             for st in stems:
                 f = folder / st / "final.json"
                 tops[st] = json.loads(f.read_text()).get("final_top_1") if f.is_file() else None
-            results.append(dict(path=path, repeat=r, rc=max(x["rc"] for x in runs),
-                                wall_s=wall, cpu_s=sum(x["cpu_s"] for x in runs),
-                                top_1=tops))
-            print(f"{path} sweep r{r}: rc {results[-1]['rc']}, {results[-1]['wall_s']:.1f} s", file=sys.stderr)
+            results.append(dict(path=label, repeat=r, rc=max(x["rc"] for x in runs),
+                                wall_s=wall, cpu_s=sum(x["cpu_s"] for x in runs), top_1=tops))
+            print(f"{label} sweep r{r}: rc {results[-1]['rc']}, {wall:.1f} s", file=sys.stderr)
+    labels = [label for label, _, _ in rows_wanted]
     med = {p: {k: statistics.median([x[k] for x in results if x["path"] == p]) for k in ("wall_s", "cpu_s")}
-           for p in PATHS}
+           for p in labels}
+    ratios = {f"ours/{p}": {k: med["ours"][k] / med[p][k] for k in ("wall_s", "cpu_s")} for p in labels[1:]}
     if args.json:
-        print(json.dumps({"beton_write_s": beton_s, "epochs": args.epochs, "sweep": stems, "runs": results,
-                          "median": med, "ratio": {k: med["ours"][k] / med["timm"][k] for k in ("wall_s", "cpu_s")}},
-                         indent=1))
-    else:
-        slots = len(cpu_sets)
-        print(f"bench e2e --sweep: {len(stems)} configs, {args.epochs} epoch(s); " +
-              ("ours = one paired process, timm = its runs one after the other" if slots == 1 else
-               f"ours = the paired command split over {min(slots, len(stems))} processes (--pair-part), "
-               f"timm = its runs {slots} at a time; each process pinned to its own core(s)") +
-              f"; median of {args.repeats}")
-        print(f".beton write (once, not in the rows): {beton_s:.1f} s")
-        head = f"{'path':10} {'wall s':>8} {'CPU s':>8}  " + "  ".join(f"{st:>9}" for st in stems)
-        print(head + "   (final top-1 %, last repeat)")
-        for p in PATHS:
-            last = [x for x in results if x["path"] == p][-1]["top_1"]
-            print(f"{p:10} {med[p]['wall_s']:8.1f} {med[p]['cpu_s']:8.1f}  "
-                  + "  ".join(f"{'-' if last[st] is None else format(last[st], '.1f'):>9}" for st in stems))
-        print(f"{'ours/timm':10} {med['ours']['wall_s'] / med['timm']['wall_s']:8.3f} "
-              f"{med['ours']['cpu_s'] / med['timm']['cpu_s']:8.3f}")
+        print(json.dumps({"beton_write_s": beton_s, "epochs": args.epochs, "sweep": stems, "cpu_slots": slots,
+                          "runs": results, "median": med, "ratio": ratios}, indent=1))
+        return 0 if all(x["rc"] == 0 for x in results) else 1
+    print(f"bench e2e --sweep: {len(stems)} configs, {args.epochs} epoch(s), median of {args.repeats}; "
+          + ("ours = one paired process" if slots == 1 else
+             f"ours = the paired command split over {min(slots, len(stems))} processes (--pair-part), "
+             f"each pinned to its own core(s); timm x{slots} = its runs {slots} at a time, pinned alike")
+          + "; timm = its runs one after the other")
+    print(f".beton write (once, not in the rows): {beton_s:.1f} s")
+    head = f"{'path':12} {'wall s':>8} {'CPU s':>8}  " + "  ".join(f"{st:>9}" for st in stems)
+    print(head + "   (final top-1 %, last repeat)")
+    for p in labels:
+        last = [x for x in results if x["path"] == p][-1]["top_1"]
+        print(f"{p:12} {med[p]['wall_s']:8.1f} {med[p]['cpu_s']:8.1f}  "
+              + "  ".join(f"{'-' if last[st] is None else format(last[st], '.1f'):>9}" for st in stems))
+    for name, ratio in ratios.items():
+        print(f"{name:12} {ratio['wall_s']:8.3f} {ratio['cpu_s']:8.3f}")
     return 0 if all(x["rc"] == 0 for x in results) else 1
 
 
