@@ -1322,13 +1322,18 @@ def resolve_variants(argv: list[str], whole: bool = False) -> list[tuple[dict, s
         cfg = resolved(SECTIONS)
         out.append((cfg, experiment_name(cfg, config_files(a))))
     check_pairable([c for c, _ in out], [n for _, n in out])
-    if opts["part"] is None or whole:
-        return out
-    part, parts = opts["part"]
-    if parts > len(out):
-        raise ConfigError(f"--pair-part {part}/{parts}: the pair has only {len(out)} variant(s); "
-                          f"use at most {len(out)} parts")
-    return out[part - 1::parts]
+    return out if whole else select_part(out, opts["part"])
+
+
+def select_part(variants: list, part: tuple[int, int] | None) -> list:
+    """``--pair-part I/N``: variants I, I+N, I+2N, ... (counting from 1); all of them for None."""
+    if part is None:
+        return variants
+    i, n = part
+    if n > len(variants):
+        raise ConfigError(f"--pair-part {i}/{n}: the pair has only {len(variants)} variant(s); "
+                          f"use at most {len(variants)} parts")
+    return variants[i - 1::n]
 
 
 def main(argv: list[str], source_factory=None) -> int:
@@ -1352,8 +1357,9 @@ def main(argv: list[str], source_factory=None) -> int:
         return EXIT_OK
     try:
         _, opts = split_argv(argv)
-        cfgs, names = map(list, zip(*resolve_variants(argv)))
-        pair_names = [n for _, n in resolve_variants(argv, whole=True)] if opts["part"] else names
+        pair = resolve_variants(argv, whole=True)
+        pair_names = [n for _, n in pair]  # the whole pair, also what other processes train
+        cfgs, names = map(list, zip(*select_part(pair, opts["part"])))
         world = opts["world_size"] or int(os.environ.get("WORLD_SIZE", 1))
         for c in cfgs:
             batch_plan(c, world)

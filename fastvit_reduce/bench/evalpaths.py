@@ -84,13 +84,12 @@ def check_classes(beton: str, val_dir: str) -> None:
                          f"the labels would not match")
 
 
-def timm_top1(run: Path, val_dir: str, weights: str) -> tuple[float, int]:
-    """The run's top-1 (%) and image count through timm's val loader on the ImageFolder."""
+def timm_top1(cfg: dict, model, data_cfg: dict, val_dir: str) -> tuple[float, int]:
+    """The model's top-1 (%) and image count through timm's val loader on the ImageFolder."""
     import torch
 
     from fastvit_reduce.bench.e2e import guard_posterize, timm_val_loader
 
-    cfg, model, data_cfg = load_run(run, weights)
     guard_posterize()
     loader = timm_val_loader(cfg, data_cfg, val_dir, workers(cfg), mean=tuple(data_cfg["mean"]),
                              std=tuple(data_cfg["std"]), pin_memory=False, device=torch.device("cpu"),
@@ -98,12 +97,11 @@ def timm_top1(run: Path, val_dir: str, weights: str) -> tuple[float, int]:
     return top1(model, loader)
 
 
-def ours_top1(run: Path, val_dir: str, weights: str) -> tuple[float, int]:
-    """The run's top-1 (%) and image count through the trainer's val loader on its ``.beton``."""
+def ours_top1(cfg: dict, model, data_cfg: dict) -> tuple[float, int]:
+    """The model's top-1 (%) and image count through the trainer's val loader on the run's ``.beton``."""
     from fastvit_reduce.augment.batch import normalize
     from fastvit_reduce.data.loaders import create_val_loader
 
-    cfg, model, data_cfg = load_run(run, weights)
     loader = create_val_loader(cfg["data.val_dataset"], cfg["validation.batch_size"], "cpu",
                                res=cfg["validation.resolution"] or cfg["model.img_size"],
                                crop_pct=cfg["data.crop_pct"] or data_cfg["crop_pct"],
@@ -116,21 +114,23 @@ def ours_top1(run: Path, val_dir: str, weights: str) -> tuple[float, int]:
 
 
 def workers(cfg: dict) -> int:
-    import os
+    """``data.num_workers``, 0 = this process's cores (the trainer's rule, without importing the
+    trainer: it imports ffcv, which must wait until timm's workers are done, see ``evaluate``)."""
     return cfg["data.num_workers"] or len(os.sched_getaffinity(0))
 
 
 def evaluate(runs: list[Path], val_dir: str, weights: str) -> list[dict]:
     """One row per run: top-1 through timm's val loader and through ours, same weights."""
+    for run in runs:
+        check_classes(read_config(run)["data.val_dataset"], val_dir)
+    loaded = [load_run(run, weights) for run in runs]  # (cfg, model, data_cfg), each loaded once
     # every timm pass first, every ffcv pass after: timm forks worker processes, and a process
     # that has started numba's TBB thread pool (ffcv's decoding) and then forks hangs at exit in
     # numba's unload_tbb (seen here: the futex wait of an orphaned TBB task group)
-    for run in runs:
-        check_classes(read_config(run)["data.val_dataset"], val_dir)
-    timm = [timm_top1(run, val_dir, weights) for run in runs]
+    timm = [timm_top1(cfg, model, data_cfg, val_dir) for cfg, model, data_cfg in loaded]
     rows = []
-    for run, (timm_top_1, n_timm) in zip(runs, timm):
-        ours_top_1, n_ours = ours_top1(run, val_dir, weights)
+    for run, (cfg, model, data_cfg), (timm_top_1, n_timm) in zip(runs, loaded, timm):
+        ours_top_1, n_ours = ours_top1(cfg, model, data_cfg)
         if n_ours != n_timm:
             raise UsageError(f"{run}: the .beton holds {n_ours} val images, {val_dir} {n_timm}")
         rows.append({"run": str(run), "weights": weights, "images": n_ours, "ours_top_1": ours_top_1,
