@@ -37,7 +37,7 @@ from .config import ConfigError, dump_json
 # (a node may copy the data to its local disk), eval frequency/batch, compile, the dry-run switch
 HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "data.batches_ahead",
             "data.train_dataset", "data.val_dataset", "validation.every_n_epochs",
-            "validation.batch_size", "training.compile", "training.threads", "training.augment_ahead")
+            "validation.batch_size", "training.compile", "training.threads", "training.overlap")
 # timm's summary.csv columns first, then ours
 TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
 LOG_KEYS = TIMM_COLUMNS + [

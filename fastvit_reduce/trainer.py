@@ -83,8 +83,8 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .augment.batch import augment_from_cfg, normalize
 from .config import Bool01, Choice, ConfigError, FloatList, Number, declared_keys, load_config, resolved
-from .data.loaders import (LoaderError, check_beton, check_datasets, create_train_loader, create_val_loader,
-                           get_resolution, read_classes, set_epoch, set_train_resolution)
+from .data.loaders import (LoaderError, Turns, check_beton, check_datasets, create_train_loader, create_val_loader,
+                           get_resolution, one_torch_thread, read_classes, set_epoch, set_train_resolution)
 from .data.inspect import label_range, verify_beton
 from .data.orders import RepeatAugOrder
 from .ema import ModelEma
@@ -113,8 +113,11 @@ Section("training", "the training loop").params(
                   default=0),
     deterministic=Param(Bool01(), "torch deterministic algorithms (bit-exact CUDA kernels, slower)",
                         default=0),
-    augment_ahead=Param(Bool01(), "augment batch i+1 in a thread while step i computes (the result "
-                        "is the same either way)", default=1),
+    overlap=Param(Choice("ahead", "decode", "none"),
+                  "how preparing batches meets the model step (the result is the same in every mode): "
+                  "ahead = decode (ffcv's thread) and augment (a thread) batch i+1 while step i computes; "
+                  "decode = only decoding beside the step; none = decoding and augmentation take turns "
+                  "with the step, each with all this process's cores (.beton data only)", default="ahead"),
 )
 Section("optim", "AdamW (torch; fused kernel when the device supports it)").params(
     lr=Param(Number(float, 0, lo_open=True), "peak learning rate (before lr.scale)", default=1e-3),
@@ -328,6 +331,20 @@ def decode_threads(cfg: dict) -> int:
     return cfg["data.num_workers"] or min(available_cores(), numba.config.NUMBA_NUM_THREADS)
 
 
+OVERLAP_WORDS = {"ahead": "the next batch decoded and augmented beside the step",
+                 "decode": "the next batch decoded beside the step, augmented in series",
+                 "none": "decoding and augmentation take turns with the step, each with all the cores"}
+
+
+def overlap_mode(choice: str, can_take_turns: bool) -> str:
+    """``training.overlap``, checked against the data source (README, speed section: on 2 CPU
+    cores ``none`` and ``ahead`` measured the same wall time; ``ahead`` keeps the data wait low)."""
+    if choice == "none" and not can_take_turns:
+        raise ConfigError("training.overlap=none: this data source cannot take turns with the step "
+                          "(only the .beton loaders can); use ahead or decode")
+    return choice
+
+
 def process_age() -> float:
     """Seconds since this process started (Linux /proc), for the start-up time."""
     try:
@@ -420,6 +437,7 @@ class Ahead:
         self.thread.start()
 
     def _run(self, make):
+        one_torch_thread()  # the step's OpenMP team stays the only one (loaders.one_torch_thread)
         try:
             for item in make():
                 if not self._put((True, item)):
@@ -460,7 +478,7 @@ class Ahead:
 
 
 class InPlace:
-    """``Ahead``'s interface without the thread (``training.augment_ahead=0``)."""
+    """``Ahead``'s interface without the thread (``training.overlap=decode`` or ``none``)."""
 
     def __init__(self, iterator):
         self.it = iter(iterator)
@@ -500,9 +518,20 @@ class FfcvSource:
         self.has_val = self.val_loader is not None
         self.loaders = [x for x in (self.loader, self.val_loader) if x is not None]
         self.side_stream = torch.cuda.Stream(d.device) if d.device.type == "cuda" else None
+        self.turns: Turns | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def take_turns(self) -> None:
+        """Decode only while the consumer waits for a batch (``training.overlap=none``); the
+        augmentation then runs in the consumer's thread, inside its turn."""
+        self.turns = Turns()
+        for loader in self.loaders:
+            loader.turns = self.turns
+
+    def held(self):
+        return self.turns.held() if self.turns is not None else contextlib.nullcontext()
 
     def set_poll(self, poll) -> None:
         """Called while a loader waits for its decode thread; may raise to stop the wait."""
@@ -520,7 +549,7 @@ class FfcvSource:
         set_train_resolution(self.loader, train_res(cfg, epoch))
         set_epoch(self.loader, epoch)  # the order, crops and flips of this epoch
         stream = torch.cuda.stream(self.side_stream) if self.side_stream else contextlib.nullcontext()
-        with stream:
+        with stream, self.held():  # with turns: held while the consumer steps on each batch
             for i, (images, labels) in enumerate(self.loader):
                 if i < skip:  # resumed mid-epoch: these steps were trained before the stop
                     continue
@@ -539,8 +568,9 @@ class FfcvSource:
     def val(self):
         """(x normalised, int64 labels) over this rank's shard of the val set."""
         dtype = self.augment.dtype
-        for images, labels in self.val_loader:
-            yield normalize(images, self.mean, self.std, dtype=dtype), labels
+        with self.held():
+            for images, labels in self.val_loader:
+                yield normalize(images, self.mean, self.std, dtype=dtype), labels
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -730,8 +760,15 @@ class Trainer:
         # threads: ffcv's Loader set torch's intra-op count to data.num_workers; we own it
         self.threads = cfg["training.threads"] or available_cores()
         torch.set_num_threads(self.threads)
-        log.info(f"threads: torch {self.threads} intra-op, ffcv {decode_threads(cfg)} decode, 1 batch-ahead "
-                 f"augmentation thread ({available_cores()} cores for this process)")
+        # why read it back: torch fixes a thread's count on its first use of it, from the last
+        # value set anywhere; helper threads set 1 (one_torch_thread), so this thread must be first
+        if torch.get_num_threads() != self.threads:
+            raise RuntimeError(f"torch kept {torch.get_num_threads()} intra-op threads, not {self.threads}")
+        self.overlap = overlap_mode(cfg["training.overlap"], hasattr(self.source, "take_turns"))
+        if self.overlap == "none":
+            self.source.take_turns()
+        log.info(f"threads: torch {self.threads} intra-op, {decode_threads(cfg)} decode; overlap "
+                 f"{self.overlap}: {OVERLAP_WORDS[self.overlap]} ({available_cores()} cores for this process)")
         self.stop = StopSignal()
         if hasattr(self.source, "set_poll"):
             self.source.set_poll(self.poll_stop)
@@ -879,7 +916,7 @@ class Trainer:
         bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=not (d.main and cfg["logging.progress"]))
         make = lambda: self.source.epoch(epoch, skip) if skip else self.source.epoch(epoch)  # noqa: E731
-        batches = Ahead(make, poll=self.poll_stop) if cfg["training.augment_ahead"] else InPlace(make())
+        batches = Ahead(make, poll=self.poll_stop) if self.overlap == "ahead" else InPlace(make())
         every = cfg["logging.every_steps"]
         try:
             for i in range(skip, n):

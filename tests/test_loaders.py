@@ -6,11 +6,13 @@ other loaders run ffcv's ops as plain Python (``no_jit``), instant on 16-48 px i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import threading
+import time
 import types
 
 import numba
@@ -203,6 +205,82 @@ def test_epochs_leave_torchs_thread_count_alone(beton, no_jit):
     torch.set_num_threads(1)
     epoch_labels(loader)
     assert torch.get_num_threads() == 1
+
+
+# ----------------------------------------------------------------------------- turns
+def decode_and_step_spans(loader, monkeypatch, step_s: float = 0.03):
+    """Epoch 0 with a consumer that "steps" ``step_s`` per batch: (digest, decode spans, step spans)."""
+    decodes, steps = [], []
+    run_pipeline = loaders._WatchedEpochIterator.run_pipeline
+
+    def timed(self, *args):
+        t0 = time.perf_counter()
+        out = run_pipeline(self, *args)
+        decodes.append((t0, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(loaders._WatchedEpochIterator, "run_pipeline", timed)
+    set_epoch(loader, 0)
+    digest = hashlib.sha256()
+    turn = loader.turns.held() if loader.turns is not None else contextlib.nullcontext()
+    with turn:
+        for images, labels in loader:
+            t0 = time.perf_counter()
+            digest.update(images.numpy().tobytes())
+            digest.update(labels.numpy().tobytes())
+            time.sleep(step_s)  # a decode thread free to run works during this
+            steps.append((t0, time.perf_counter()))
+    monkeypatch.undo()
+    overlaps = [(a, b) for a in decodes for b in steps if a[0] < b[1] and b[0] < a[1]]
+    return digest.hexdigest(), len(decodes), overlaps
+
+
+def test_turns_decode_only_while_the_consumer_waits_and_change_no_pixel(beton, no_jit, monkeypatch):
+    """training.overlap=none: no batch is decoded during the consumer's step, the epoch's pixels
+    are those of the loader without turns; without turns the decode thread does overlap it."""
+    plain, decoded, overlaps = decode_and_step_spans(train_loader(beton), monkeypatch)
+    assert decoded == N // 8 and overlaps  # the control: batches_ahead=2 decodes during steps
+    loader = train_loader(beton)
+    loader.turns = loaders.Turns()
+    digest, decoded, overlaps = decode_and_step_spans(loader, monkeypatch)
+    assert digest == plain and decoded == N // 8
+    assert overlaps == []
+
+
+def test_turns_close_mid_epoch_ends_the_waiting_decode_thread(beton, no_jit):
+    """The consumer stops while holding its turn: the decode thread, waiting for the turn, ends."""
+    loader = train_loader(beton)
+    loader.turns = turns = loaders.Turns()
+    with turns.held():
+        iterator = iter(loader)
+        next(iterator)
+        assert run_with_timeout(loader.close) is None
+        assert not iterator.is_alive()
+    stop = threading.Event()
+    stop.set()
+    assert turns.take(stop)  # free again (a held turn would make take() give up: False)
+    turns.give()
+
+
+def test_decode_thread_runs_torch_on_one_thread_and_leaves_the_consumers_count(beton, no_jit, monkeypatch):
+    """ffcv's decode thread must not become a second OpenMP team (loaders.one_torch_thread)."""
+    seen = []
+    run_pipeline = loaders._WatchedEpochIterator.run_pipeline
+
+    def spy(self, *args):
+        seen.append(torch.get_num_threads())
+        return run_pipeline(self, *args)
+
+    monkeypatch.setattr(loaders._WatchedEpochIterator, "run_pipeline", spy)
+    loader = train_loader(beton)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        epoch_labels(loader)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
 
 
 # ----------------------------------------------------------------------------- errors

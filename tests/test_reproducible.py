@@ -39,6 +39,12 @@ def test_same_seed_twice_and_other_loader_settings_give_bit_identical_weights(cf
     assert a["weights_hash"] == b["weights_hash"] == c["weights_hash"]
     assert a["first_batch_hash"] == b["first_batch_hash"] == c["first_batch_hash"]
     assert losses(cfg, "a") == losses(cfg, "b") == losses(cfg, "c")
+    # how batches meet the step (turns, a batch ahead, in series) changes no result either
+    for mode in ("none", "ahead", "decode"):
+        other = run(cfg, f"overlap_{mode}", f"--training.overlap={mode}")
+        assert other["weights_hash"] == a["weights_hash"], mode
+        log_text = (runs.RunFolder(cfg.rsplit("/", 1)[0] + f"/runs/overlap_{mode}").path / "train.log").read_text()
+        assert f"overlap {mode}:" in log_text
     d = run(cfg, "d", "--training.seed=1")
     assert d["weights_hash"] != a["weights_hash"] and d["first_batch_hash"] != a["first_batch_hash"]
 

@@ -26,7 +26,7 @@ from conftest import SEED_AUGMENT, TINY_TRAIN_YAML, write_beton
 from fastvit_reduce import checkpoint as ckpt
 from fastvit_reduce.config import ConfigError
 from fastvit_reduce.runs import FINAL_KEYS, RunFolder
-from fastvit_reduce.trainer import StopSignal, check_resolutions, lr_at, main
+from fastvit_reduce.trainer import Ahead, StopSignal, check_resolutions, lr_at, main, overlap_mode
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = """import sys
@@ -345,3 +345,22 @@ def test_optimizer_has_no_weight_decay_on_1d_params_pos_embed_and_cls_token():
     assert decayed and all(p.ndim > 1 for n, p in model.named_parameters() if n in decayed)
     assert {"pos_embed", "cls_token"} <= set(names.values()) and not decayed & {"pos_embed", "cls_token"}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(names)  # shared MLP tensors once
+
+
+def test_batch_ahead_thread_runs_torch_on_one_thread():
+    """The stepping thread's OpenMP team must stay the only one (loaders.one_torch_thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ahead = Ahead(lambda: (torch.get_num_threads() for _ in range(3)))
+        seen = list(ahead)
+        ahead.close()
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_overlap_none_needs_a_source_that_can_take_turns():
+    assert overlap_mode("none", True) == "none" and overlap_mode("ahead", False) == "ahead"
+    with pytest.raises(ConfigError, match="overlap=none"):
+        overlap_mode("none", False)  # timm's loader (bench e2e) cannot

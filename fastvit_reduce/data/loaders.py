@@ -30,6 +30,7 @@ decode thread count. The caller owns torch's intra-op count: set it after buildi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import warnings
@@ -282,6 +283,55 @@ POLL_S = 0.5  # s between checks of the decode thread (and calls of loader.poll)
 JOIN_S = 30.0  # s close() waits for a decode thread to finish its current batch
 
 
+def one_torch_thread() -> None:
+    """Run the calling helper thread's torch ops on one intra-op thread (the stepping thread keeps
+    its own count: torch's count is per thread under OpenMP once a thread has used it).
+
+    Why: a helper thread (ffcv's decode thread, whose ``ToTorchImage`` copies the batch; the
+    trainer's batch-ahead thread) running a torch op at the process's count becomes the master of
+    a second OpenMP team. libgomp then manages more threads than there are cores and cuts its spin
+    at every barrier from 300,000 to 100 iterations, so each of the step's hundreds of parallel
+    regions sleeps and wakes on a futex. Measured on 2 cores, ViT-Ti at 64 px, batch 32, 2 threads:
+    forward + backward 165 ms and AdamW 22 ms before an epoch, 343 and 119 ms while an epoch's
+    decode thread (idle after one batch) existed (README, speed section)."""
+    torch.set_num_threads(1)
+
+
+class Turns:
+    """The consumer's compute and ffcv's decoding take turns on this process's cores.
+
+    Why: on a CPU, torch's OpenMP team waits at every parallel region for its slowest thread, so a
+    decode thread on one of its cores stalls the whole step (ViT-Ti at 64 px, batch 32, 2 cores,
+    ``bench threads``' step: 160 ms alone, 387 ms beside one busy numpy thread). Taking turns gives the step, and
+    then the decoding, all the cores. The consumer holds the turn while it computes (``held()``,
+    around its whole loop over the loader); the loader's ``__next__`` hands the turn to the decode
+    thread while the consumer waits for a batch; the decode thread holds it for one batch at a time.
+    A plain lock: nothing depends on which thread gets it first, only that the two never overlap.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def take(self, stop: threading.Event | None = None) -> bool:
+        """Wait for the turn; False (without it) once ``stop`` is set."""
+        while not self._lock.acquire(timeout=POLL_S):
+            if stop is not None and stop.is_set():
+                return False
+        return True
+
+    def give(self) -> None:
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def held(self):
+        """The consumer's side: its compute holds the turn; waiting in ``__next__`` lends it out."""
+        self.take()
+        try:
+            yield
+        finally:
+            self.give()
+
+
 class LoaderError(RuntimeError):
     """ffcv's decode thread failed (for example on a damaged .beton); the message names the file."""
 
@@ -304,11 +354,14 @@ class FfcvLoader(Loader):
       ``Loader.__init__`` still calls ``torch.set_num_threads(num_workers)`` once, so the caller
       sets torch's intra-op count after building its loaders.
     * ``close()`` ends the running epoch's thread; a new ``iter()`` closes the previous epoch's.
+    * ``turns``: an optional ``Turns``; when set, each batch is decoded only while the consumer,
+      which must iterate inside ``turns.held()``, waits in ``__next__``.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.poll: Callable[[], None] | None = None
+        self.turns: Turns | None = None
         self.epoch_iterator: _WatchedEpochIterator | None = None
         self.seeded_node_ids = [  # graph nodes whose decoder reads a seed buffer
             node.id for node in self.graph.nodes
@@ -364,12 +417,20 @@ class _WatchedEpochIterator(EpochIterator):
         """Decode every batch into the queue; False when closed before the end."""
         # why not ffcv's Compiler.set_num_threads: it also sets torch's intra-op count (issue 10)
         numba.set_num_threads(self.loader.num_workers)
+        one_torch_thread()
         slots = self.loader.batches_ahead + 2
         events = [None] * len(self.cuda_streams)
+        turns = self.loader.turns
         for b_ix, batch_indices in enumerate(self.iter_ixes):
             slot = self.current_batch_slot
             self.current_batch_slot = (slot + 1) % slots
-            result = self.run_pipeline(b_ix, batch_indices, slot, events[slot])
+            if turns is not None and not turns.take(self.terminate_event):
+                return False
+            try:
+                result = self.run_pipeline(b_ix, batch_indices, slot, events[slot])
+            finally:
+                if turns is not None:
+                    turns.give()
             if not self._put((slot, result)):
                 return False
             if IS_CUDA:
@@ -399,22 +460,14 @@ class _WatchedEpochIterator(EpochIterator):
         return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
 
     def __next__(self):
-        while True:
-            try:
-                item = self.output_queue.get(timeout=POLL_S)
-                break
-            except Empty:
-                if not self.is_alive() and self.output_queue.empty():
-                    self.close()
-                    if self.error is None and self.terminate_event.is_set():
-                        raise StopIteration() from None  # closed by the consumer
-                    raise self._failure() from self.error
-                if self.loader.poll is not None:
-                    try:
-                        self.loader.poll()
-                    except BaseException:
-                        self.close()
-                        raise
+        turns = self.loader.turns
+        if turns is not None:
+            turns.give()  # the decode thread's turn while we wait
+        try:
+            item = self._wait()
+        finally:
+            if turns is not None:
+                turns.take()
         if item is None:
             self.close()
             raise StopIteration()
@@ -427,6 +480,23 @@ class _WatchedEpochIterator(EpochIterator):
             # We wait for the copy to be done (as ffcv)
             self.current_stream.wait_stream(stream)
         return result
+
+    def _wait(self):
+        while True:
+            try:
+                return self.output_queue.get(timeout=POLL_S)
+            except Empty:
+                if not self.is_alive() and self.output_queue.empty():
+                    self.close()
+                    if self.error is None and self.terminate_event.is_set():
+                        raise StopIteration() from None  # closed by the consumer
+                    raise self._failure() from self.error
+                if self.loader.poll is not None:
+                    try:
+                        self.loader.poll()
+                    except BaseException:
+                        self.close()
+                        raise
 
     def _failure(self) -> LoaderError:
         cause = (f"{type(self.error).__name__}: {self.error}" if self.error is not None
