@@ -433,6 +433,7 @@ class Ahead:
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
         self.poll = poll
+        torch.get_num_threads()  # fixes this thread's count before the helper sets 1 (one_torch_thread)
         self.thread = threading.Thread(target=self._run, args=(make,), daemon=True, name="batch-ahead")
         self.thread.start()
 

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -281,6 +283,26 @@ def test_decode_thread_runs_torch_on_one_thread_and_leaves_the_consumers_count(b
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}
+
+
+def test_a_fresh_consumer_keeps_its_thread_count_after_an_epoch(beton):
+    """torch fixes a thread's count on its first use, from the last count set anywhere; the decode
+    thread sets 1, so iterating must fix the consumer's count first. A fresh process: the test
+    process's own count was fixed long ago."""
+    code = (
+        "import torch\n"
+        "from fastvit_reduce.data.loaders import create_train_loader\n"
+        f"loader = create_train_loader({str(beton)!r}, 8, torch.device('cpu'), res=32, num_workers=2,"
+        " in_memory=1, batches_ahead=2, drop_last=True, order='random', aug_repeats=1, seed=0,"
+        " distributed=False, rrc_scale=[0.08, 1.0], rrc_ratio=[0.75, 4 / 3], hflip=1)\n"
+        "torch.set_num_threads(2)\n"
+        "labels = [int(y) for _, ys in loader for y in ys]\n"
+        "torch.ones(1 << 20).mul_(2)\n"
+        "print(len(labels), torch.get_num_threads())\n")
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == [str(N // 8 * 8), "2"]
 
 
 # ----------------------------------------------------------------------------- errors

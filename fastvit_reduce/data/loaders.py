@@ -284,8 +284,9 @@ JOIN_S = 30.0  # s close() waits for a decode thread to finish its current batch
 
 
 def one_torch_thread() -> None:
-    """Run the calling helper thread's torch ops on one intra-op thread (the stepping thread keeps
-    its own count: torch's count is per thread under OpenMP once a thread has used it).
+    """Run the calling helper thread's torch ops on one intra-op thread. The consumer keeps its own
+    count if it has used it before the helper starts (torch fixes a thread's count on first use,
+    from the last count set anywhere): ``FfcvLoader.__iter__`` and ``Ahead`` make sure of that.
 
     Why: a helper thread (ffcv's decode thread, whose ``ToTorchImage`` copies the batch; the
     trainer's batch-ahead thread) running a torch op at the process's count becomes the master of
@@ -370,6 +371,9 @@ class FfcvLoader(Loader):
 
     def __iter__(self):
         self.close()
+        # why: torch fixes a thread's intra-op count on its first use, from the last count set
+        # anywhere; our decode threads set 1 (one_torch_thread), so the consumer fixes its own first
+        torch.get_num_threads()
         epoch = self.next_epoch
         full_order = self.next_traversal_order()
         order = full_order[:len(self) * self.batch_size]
