@@ -87,13 +87,16 @@ def test_progressive_resizing_is_refused(folder):
 
 
 def test_summary_ratios():
-    rows = [dict(path=p, rc=0, wall_s=w, startup_s=s, steady_img_s=i, cpu_s=c, data_wait_frac=d, top_1=t)
-            for p, w, s, i, c, d, t in [("ours", 10.0, 2.0, 100.0, 18.0, 0.02, 80.0),
-                                        ("ours", 12.0, 2.0, 110.0, 20.0, 0.04, 82.0),
-                                        ("timm", 20.0, 4.0, 50.0, 30.0, None, 84.0)]]
-    ours, timm, ratio = summarise(rows)
+    rows = [dict(path=p, rc=0, wall_s=w, startup_s=s, ffcv_import_s=f, steady_img_s=i, cpu_s=c,
+                 data_wait_frac=d, top_1=t)
+            for p, w, s, f, i, c, d, t in [("ours", 10.0, 2.0, 3.0, 100.0, 18.0, 0.02, 80.0),
+                                           ("ours", 12.0, 2.0, 3.0, 110.0, 20.0, 0.04, 82.0),
+                                           ("timm", 20.0, 4.0, 4.0, 50.0, 30.0, None, 84.0)]]
+    ours, timm, ratio, fair = summarise(rows)
     assert ours["wall_s"] == 11.0 and ours["runs"] == 2 and timm["data_wait_frac"] is None
     assert ratio["path"] == "ours/timm" and ratio["wall_s"] == 11.0 / 20.0 and ratio["data_wait_frac"] is None
+    # timm's wall without the ffcv import it paid only because it ran inside our trainer
+    assert fair["path"] == "ours/(timm-import)" and fair["wall_s"] == 11.0 / 16.0 and fair["cpu_s"] is None
 
 
 def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
@@ -111,11 +114,13 @@ def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
     assert out["beton_write_s"] > 0 and out["epochs"] == 1
     assert [r["path"] for r in out["runs"]] == ["ours", "timm"]
     summary = {r["path"]: r for r in out["summary"]}
-    assert set(summary) == {"ours", "timm", "ours/timm"}
+    assert set(summary) == {"ours", "timm", "ours/timm", "ours/(timm-import)"}
     for path in ("ours", "timm"):
         row = summary[path]
         assert 0 <= row["top_1"] <= 100 and row["wall_s"] > 0 and row["cpu_s"] > 0, row
         assert row["steady_img_s"] > 0 and row["startup_s"] is not None, row
+        assert 0 < row["ffcv_import_s"] < row["startup_s"], row  # measured in the child, part of start-up
+    assert summary["ours/(timm-import)"]["wall_s"] > summary["ours/timm"]["wall_s"]
 
 
 def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp_path, capsys):
@@ -134,7 +139,10 @@ def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp
     out = json.loads(capsys.readouterr().out)
     assert rc == 0, out["runs"]
     assert [r["path"] for r in out["runs"]] == ["ours", "timm", "timm x2"]
-    assert set(out["ratio"]) == {"ours/timm", "ours/timm x2"} and out["cpu_slots"] == 2
+    assert set(out["ratio"]) == {"ours/timm", "ours/timm x2", "ours/(timm-import)"} and out["cpu_slots"] == 2
+    timm_row = [r for r in out["runs"] if r["path"] == "timm"][0]
+    assert timm_row["ffcv_import_s"] > 0  # the three timm runs' imports, summed
+    assert out["ratio"]["ours/(timm-import)"]["wall_s"] > out["ratio"]["ours/timm"]["wall_s"]
     for row in out["runs"]:
         assert set(row["top_1"]) == {"baseline", "thin", "grouped"}
         assert all(0 <= t <= 100 for t in row["top_1"].values()), row
