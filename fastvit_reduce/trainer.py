@@ -86,6 +86,7 @@ from .config import Bool01, Choice, ConfigError, FloatList, Number, declared_key
 from .data.loaders import (LoaderError, Turns, check_beton, check_datasets, create_train_loader, create_val_loader,
                            get_resolution, one_torch_thread, read_classes, set_epoch, set_train_resolution)
 from .data.inspect import label_range, verify_beton
+from .data.jit import stats as jit_stats
 from .data.orders import RepeatAugOrder
 from .ema import ModelEma
 from .models import gflops, mlp_stats, model_from_cfg
@@ -1146,6 +1147,7 @@ class Trainer:
                 "world_size": self.d.world, **{k: self.plan[k] for k in ("global_batch", "accum", "per_gpu_batch")},
                 "peak_lr": v.plan["peak_lr"], "startup_s": getattr(self, "startup_s", None),
                 "torch_threads": self.threads,  # CPU results are bit-exact only at one count
+                "jit_cache": jit_stats(),  # this process's ffcv pipelines: loaded / compiled
                 "ranks_in_sync": ranks_in_sync, "paired_with": [w.name for w in self.variants if w is not v]}
 
 

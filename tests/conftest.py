@@ -5,8 +5,30 @@ stripe direction depend on ``c``, so a tiny ViT's loss falls within a couple of 
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+_JIT_CACHE = "FASTVIT_REDUCE_JIT_CACHE"
+
+
+def pytest_configure(config):
+    """One numba cache for the session, inherited by every trainer the tests start: the first
+    process compiles the ffcv pipelines, the others load them (``fastvit_reduce.data.jit``), and
+    the user's ``~/.cache`` is left alone. An explicit ``FASTVIT_REDUCE_JIT_CACHE`` is kept."""
+    if _JIT_CACHE not in os.environ:
+        config._jit_cache = tempfile.mkdtemp(prefix="fvr_jit_")
+        os.environ[_JIT_CACHE] = config._jit_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_jit_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(_JIT_CACHE, None)
 
 TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
                 depth=4, num_heads=2, num_classes=4)

@@ -121,6 +121,11 @@ def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
         assert row["steady_img_s"] > 0 and row["startup_s"] is not None, row
         assert 0 < row["ffcv_import_s"] < row["startup_s"], row  # measured in the child, part of start-up
     assert summary["ours/(timm-import)"]["wall_s"] > summary["ours/timm"]["wall_s"]
+    # --jit-cache warm (the default): an untimed ours run filled the cache; the timed one loaded it
+    assert out["jit_cache"] == "warm" and out["jit_prime_s"] > 0
+    ours = out["runs"][0]
+    assert ours["jit_compiled"] == 0 and ours["jit_loaded"] > 0, ours
+    assert (tmp_path / "betons" / "runs" / "ours_jit_prime" / "final.json").is_file()
 
 
 def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp_path, capsys):
@@ -133,6 +138,7 @@ def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp
     rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
                "--beton-dir", str(tmp_path / "betons"), "--config", "rn_configs/sample/base.yaml", "--quick",
                "--max-res", "64", "--write-workers", "1", "--json", "--sweep", *configs, "--cpu-slots", "2",
+               "--jit-cache", "cold",
                "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
                "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1",
                "--set", f"model.num_classes={CLASSES}"])
@@ -142,6 +148,10 @@ def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp
     assert set(out["ratio"]) == {"ours/timm", "ours/timm x2", "ours/(timm-import)"} and out["cpu_slots"] == 2
     timm_row = [r for r in out["runs"] if r["path"] == "timm"][0]
     assert timm_row["ffcv_import_s"] > 0  # the three timm runs' imports, summed
+    # --jit-cache cold: ours' two processes started from an empty cache and compiled
+    ours_row = out["runs"][0]
+    assert out["jit_cache"] == "cold" and out["jit_prime_s"] is None
+    assert all(ours_row["jit_cache"][st]["compiled"] > 0 for st in ("baseline", "thin", "grouped"))
     assert out["ratio"]["ours/(timm-import)"]["wall_s"] > out["ratio"]["ours/timm"]["wall_s"]
     for row in out["runs"]:
         assert set(row["top_1"]) == {"baseline", "thin", "grouped"}

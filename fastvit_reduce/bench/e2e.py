@@ -26,6 +26,13 @@ is the part of start-up each child spent importing ffcv, numba and cv2: the timm
 because it runs inside our trainer, so ``ours/(timm-import)`` also gives the wall ratio against
 timm's wall without it (timm's own ``train.py`` does not import them).
 
+ffcv's pipelines are compiled by numba, and ``fastvit_reduce.data.jit`` caches that code on disk
+(``FASTVIT_REDUCE_JIT_CACHE``). ``--jit-cache warm`` (default) measures runs on a machine that has
+run the recipe before: the ours children share one cache, filled first by an untimed 1-epoch ours
+run (its wall is printed on its own line). ``--jit-cache cold`` gives every ours child an empty
+cache: the first run on a new machine, or after the code changed. Each row's JSON has the
+child's ``jit_loaded`` / ``jit_compiled`` counts.
+
 The seed's augmentation recipe (RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0,
 reprob 0.25) is set on top of ``--config`` unless ``--set`` changes it.
 """
@@ -212,8 +219,9 @@ def child_main(path: str, train_argv: list[str], train_dir: str, val_dir: str) -
     import torch  # noqa: F401
     t0 = time.perf_counter()
     import cv2  # noqa: F401
-    import ffcv  # noqa: F401
     import numba  # noqa: F401
+
+    import fastvit_reduce.data  # noqa: F401 — imports ffcv, as the trainer does
     print(f"{IMPORT_MARK}{time.perf_counter() - t0:.3f}", flush=True)
     from fastvit_reduce import trainer
 
@@ -221,15 +229,39 @@ def child_main(path: str, train_argv: list[str], train_dir: str, val_dir: str) -
     return trainer.main(train_argv, source_factory=factory)
 
 
-def run_child(path: str, train_argv: list[str], args, run_dir: Path) -> dict:
-    """Run one path as a child process; return its row (None for what it did not report)."""
-    return run_children(path, [(train_argv, run_dir)], args, [[]])[0]
+def jit_cache_dir(args, out: Path, name: str) -> Path:
+    """The numba cache of an ours child: ``--jit-cache cold``: its own, empty; warm: the shared one."""
+    if args.jit_cache == "cold":
+        folder = out / "jit_cache_cold" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        return folder
+    return out / "jit_cache"
 
 
-def run_children(path: str, jobs: list[tuple[list[str], Path]], args, cpu_sets: list[list[int]]) -> list[dict]:
+def prime_jit_cache(args, out: Path, train_argv: list[str], cores: list[int]) -> float | None:
+    """``--jit-cache warm``: empty the shared cache and fill it with an untimed 1-epoch ours run of
+    ``train_argv`` on ``cores`` (the decode thread count is part of a pipeline's key); its wall s."""
+    if args.jit_cache != "warm":
+        return None
+    shutil.rmtree(out / "jit_cache", ignore_errors=True)
+    name = "ours_jit_prime"
+    shutil.rmtree(out / name, ignore_errors=True)
+    argv = [*train_argv, "--training.epochs=1", f"--logging.folder={out}", f"--logging.experiment={name}"]
+    row = run_children("ours", [(argv, out / name)], args, [cores], jit_dir=out / "jit_cache")[0]
+    print(f"{name}: rc {row['rc']}, {row['wall_s']:.1f} s (untimed), log {row['log']}", file=sys.stderr)
+    if row["rc"] != 0:
+        raise UsageError(f"the untimed ours run that fills the numba cache failed: see {row['log']}")
+    return row["wall_s"]
+
+
+def run_children(path: str, jobs: list[tuple[list[str], Path]], args, cpu_sets: list[list[int]],
+                 jit_dir: Path | None = None) -> list[dict]:
     """Run ``path``'s children (trainer argv, run folder), ``len(cpu_sets)`` at a time, each pinned
-    to its core set (``[]``: not pinned); return their rows in order, each with its own wall time
-    and CPU seconds (``rusage``)."""
+    to its core set (``[]``: not pinned), with ``jit_dir`` as their numba cache; return their rows
+    in order, each with its own wall time and CPU seconds (``rusage``)."""
+    env = os.environ.copy()
+    if jit_dir is not None:
+        env["FASTVIT_REDUCE_JIT_CACHE"] = str(jit_dir)
     pending, running, rows = list(enumerate(jobs)), {}, {}
     while pending or running:
         free = [c for c in range(len(cpu_sets)) if c not in {slot for slot, *_ in running.values()}]
@@ -240,7 +272,7 @@ def run_children(path: str, jobs: list[tuple[list[str], Path]], args, cpu_sets: 
                    args.train_dir, "--val-dir", args.val_dir, "--", *train_argv]
             log = open(run_dir.parent / f"{run_dir.name}.out", "w")
             cores = cpu_sets[slot]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None)
             running[proc.pid] = (slot, k, run_dir, log, time.perf_counter())
         pid, status, usage = os.wait4(-1, 0)  # rusage of that child (and what it waited for)
@@ -256,7 +288,7 @@ def run_children(path: str, jobs: list[tuple[list[str], Path]], args, cpu_sets: 
 def child_row(path: str, run_dir: Path, log: str, rc: int, wall: float, cpu: float) -> dict:
     """One run's row from its exit, times and run folder (None for what it did not report)."""
     row = dict(path=path, rc=rc, wall_s=wall, cpu_s=cpu, startup_s=None, ffcv_import_s=None, steady_img_s=None,
-               data_wait_frac=None, top_1=None, log=log)
+               data_wait_frac=None, top_1=None, jit_loaded=None, jit_compiled=None, log=log)
     marks = [line for line in Path(log).read_text(errors="replace").splitlines() if line.startswith(IMPORT_MARK)] \
         if Path(log).is_file() else []
     if marks:
@@ -270,6 +302,8 @@ def child_row(path: str, run_dir: Path, log: str, rc: int, wall: float, cpu: flo
     row["startup_s"] = final.get("startup_s")  # the trainer's: process start -> ready to train
     row["data_wait_frac"] = final.get("data_wait_frac")
     row["top_1"] = final.get("final_top_1")
+    jit = final.get("jit_cache") or {}
+    row["jit_loaded"], row["jit_compiled"] = jit.get("loaded"), jit.get("compiled")
     return row
 
 
@@ -356,6 +390,10 @@ def parse(argv: list[str]):
                    help="--sweep: processes at once, each pinned to 1/N of the cores: ours splits the "
                         "paired command over N processes (--pair-part), timm runs N of its runs at a time "
                         "(default 1: one process, all cores)")
+    p.add_argument("--jit-cache", choices=("warm", "cold"), default="warm",
+                   help="warm: ours children share a numba cache filled first by an untimed 1-epoch ours run "
+                        "(a machine that ran the recipe before); cold: each ours child starts with an empty "
+                        "cache and compiles (default warm)")
     p.add_argument("--json", action="store_true", help="print JSON (per-run rows and the summary)")
     try:
         args = p.parse_args(argv)
@@ -405,26 +443,43 @@ def main(argv: list[str]) -> int:
     sets = {**{k: str(v) for k, v in SEED_RECIPE.items()}, **dict(s.split("=", 1) for s in args.set)}
     if args.sweep:
         return run_sweeps(args, betons, beton_s, out, sets)
+    recipe = ["--config", args.config, f"--data.train_dataset={betons['train']}",
+              f"--data.val_dataset={betons['val']}", "--logging.progress=0", *[f"--{k}={v}" for k, v in sets.items()]]
+    try:
+        prime_s = prime_jit_cache(args, out, recipe, [])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     rows = []
     for r in range(args.repeats):
         for path in PATHS:  # interleaved: machine drift hits both paths alike
             name = f"{path}_r{r}"
-            train_argv = ["--config", args.config, f"--data.train_dataset={betons['train']}",
-                          f"--data.val_dataset={betons['val']}", f"--training.epochs={args.epochs}",
-                          f"--logging.folder={out}", f"--logging.experiment={name}", "--logging.progress=0",
-                          *[f"--{k}={v}" for k, v in sets.items()]]
+            train_argv = [*recipe, f"--training.epochs={args.epochs}", f"--logging.folder={out}",
+                          f"--logging.experiment={name}"]
             if (out / name).exists():  # a fresh run, not a resume of an earlier benchmark
                 shutil.rmtree(out / name)
-            rows.append(run_child(path, train_argv, args, out / name))
-            print(f"{name}: rc {rows[-1]['rc']}, {rows[-1]['wall_s']:.1f} s, log {rows[-1]['log']}", file=sys.stderr)
+            rows.append(run_children(path, [(train_argv, out / name)], args, [[]],
+                                     jit_dir=jit_cache_dir(args, out, name))[0])
+            print(f"{name}: rc {rows[-1]['rc']}, {rows[-1]['wall_s']:.1f} s, numba pipelines loaded/compiled "
+                  f"{rows[-1]['jit_loaded']}/{rows[-1]['jit_compiled']}, log {rows[-1]['log']}", file=sys.stderr)
     summary = summarise(rows)
     if args.json:
-        print(json.dumps({"beton_write_s": beton_s, "epochs": args.epochs, "repeats": args.repeats,
-                          "runs": rows, "summary": summary}, indent=1))
+        print(json.dumps({"beton_write_s": beton_s, "jit_cache": args.jit_cache, "jit_prime_s": prime_s,
+                          "epochs": args.epochs, "repeats": args.repeats, "runs": rows, "summary": summary},
+                         indent=1))
     else:
         print(format_table(summary, beton_s, f"bench e2e: {args.config}, {args.epochs} epoch(s), "
                                              f"median of {args.repeats} run(s) per path"))
+        print(jit_line(args, prime_s))
     return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+def jit_line(args, prime_s: float | None) -> str:
+    """What the ours rows paid for numba's compilation of the ffcv pipelines."""
+    if args.jit_cache == "cold":
+        return "numba cache (--jit-cache cold): every ours run started empty and compiled its pipelines"
+    return (f"numba cache (--jit-cache warm): filled first by an untimed 1-epoch ours run ({prime_s:.1f} s); "
+            f"the ours rows loaded their pipelines from it")
 
 
 def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int:
@@ -448,8 +503,14 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
     rows_wanted = [("ours", "ours", cpu_sets), ("timm", "timm", [[]])]
     if slots > 1:
         rows_wanted.append((f"timm x{slots}", "timm", cpu_sets))
-    common = [f"--data.train_dataset={betons['train']}", f"--data.val_dataset={betons['val']}",
-              f"--training.epochs={args.epochs}", "--logging.progress=0", *[f"--{k}={v}" for k, v in sets.items()]]
+    data = [f"--data.train_dataset={betons['train']}", f"--data.val_dataset={betons['val']}", "--logging.progress=0",
+            *[f"--{k}={v}" for k, v in sets.items()]]
+    common = [*data, f"--training.epochs={args.epochs}"]
+    try:  # the configs differ in strategy, not in data: one of them, on one slot's cores, fills the cache
+        prime_s = prime_jit_cache(args, out, ["--config", args.sweep[0], *data], cpu_sets[0])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     results = []
     for r in range(args.repeats):
         for label, path, sets_ in rows_wanted:
@@ -463,18 +524,20 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
                 parts = min(len(sets_), len(stems))
                 jobs = [([*argv, f"--pair-part={i}/{parts}"] if parts > 1 else argv, folder / f"part{i}")
                         for i in range(1, parts + 1)]
-                runs = run_children(path, jobs, args, sets_[:parts])
+                runs = run_children(path, jobs, args, sets_[:parts], jit_dir=jit_cache_dir(args, out, folder.name))
             else:  # timm's K runs, len(sets_) of them at a time
                 runs = run_children(path, [(["--config", c, f"--logging.folder={folder}", f"--logging.experiment={st}",
                                              *common], folder / st) for c, st in zip(args.sweep, stems)], args, sets_)
             wall = time.perf_counter() - start
-            tops = {}
+            tops, jit = {}, {}
             for st in stems:
                 f = folder / st / "final.json"
-                tops[st] = json.loads(f.read_text()).get("final_top_1") if f.is_file() else None
+                final = json.loads(f.read_text()) if f.is_file() else {}
+                tops[st], jit[st] = final.get("final_top_1"), final.get("jit_cache")
             results.append(dict(path=label, repeat=r, rc=max(x["rc"] for x in runs), wall_s=wall,
                                 cpu_s=sum(x["cpu_s"] for x in runs), top_1=tops,
-                                ffcv_import_s=sum(x["ffcv_import_s"] or 0.0 for x in runs)))
+                                ffcv_import_s=sum(x["ffcv_import_s"] or 0.0 for x in runs),
+                                jit_cache=jit))  # per config: its process's pipelines loaded/compiled
             print(f"{label} sweep r{r}: rc {results[-1]['rc']}, {wall:.1f} s", file=sys.stderr)
     labels = [label for label, _, _ in rows_wanted]
     med = {p: {k: statistics.median([x[k] for x in results if x["path"] == p]) for k in ("wall_s", "cpu_s")}
@@ -485,7 +548,8 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
     ratios["ours/(timm-import)"] = {"wall_s": med["ours"]["wall_s"] / (med["timm"]["wall_s"] - imports),
                                     "cpu_s": med["ours"]["cpu_s"] / (med["timm"]["cpu_s"] - imports)}
     if args.json:
-        print(json.dumps({"beton_write_s": beton_s, "epochs": args.epochs, "sweep": stems, "cpu_slots": slots,
+        print(json.dumps({"beton_write_s": beton_s, "jit_cache": args.jit_cache, "jit_prime_s": prime_s,
+                          "epochs": args.epochs, "sweep": stems, "cpu_slots": slots,
                           "runs": results, "median": med, "ratio": ratios}, indent=1))
         return 0 if all(x["rc"] == 0 for x in results) else 1
     print(f"bench e2e --sweep: {len(stems)} configs, {args.epochs} epoch(s), median of {args.repeats}; "
@@ -494,6 +558,7 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
              f"each pinned to its own core(s); timm x{slots} = its runs {slots} at a time, pinned alike")
           + "; timm = its runs one after the other")
     print(f".beton write (once, not in the rows): {beton_s:.1f} s")
+    print(jit_line(args, prime_s))
     head = f"{'path':12} {'wall s':>8} {'CPU s':>8}  " + "  ".join(f"{st:>9}" for st in stems)
     print(head + "   (final top-1 %, last repeat)")
     for p in labels:

@@ -46,7 +46,6 @@ from fastargs import Param, Section
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
-from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
@@ -57,6 +56,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from ..config import Bool01, Choice, ConfigError, FloatList, Number
 from ..seeding import derive_many
+from .jit import cached_compilation, libffcv
 from .orders import RepeatAugOrder, ShardedSequentialOrder, install_order, sample_copies
 
 Section("data", "FFCV datasets and loading").params(
@@ -184,7 +184,7 @@ def _image_reader(mem_read):
     """Compiled ``read(field, storage_state, temp) -> (H, W, 3) uint8`` view of one stored image:
     JPEGs are decoded into ``temp`` (libjpeg-turbo, as ffcv does); raw images are viewed in
     place."""
-    imdecode_c = Compiler.compile(imdecode)
+    imdecode_c = libffcv("imdecode")
     jpg = IMAGE_MODES["jpg"]
 
     def read(field, storage_state, temp):
@@ -226,7 +226,7 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
         read = _image_reader(self.memory_read)
         my_range = Compiler.get_iterator()
         crop_c = Compiler.compile(get_random_crop)
-        resize_crop_c = Compiler.compile(resize_crop)
+        resize_crop_c = libffcv("resize_crop")
         flip_c = Compiler.compile(_flip_in_place)
         scale, ratio, hflip = np.array(self.scale), np.array(self.ratio), self.hflip
 
@@ -262,7 +262,7 @@ class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
         read = _image_reader(self.memory_read)
         my_range = Compiler.get_iterator()
         crop_c = Compiler.compile(timm_center_crop)
-        resize_crop_c = Compiler.compile(resize_crop)
+        resize_crop_c = libffcv("resize_crop")
         crop_pct = self.ratio
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -360,7 +360,8 @@ class FfcvLoader(Loader):
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        with cached_compilation():  # ffcv compiles the memory reader here, the pipelines later
+            super().__init__(*args, **kwargs)
         self.poll: Callable[[], None] | None = None
         self.turns: Turns | None = None
         self.epoch_iterator: _WatchedEpochIterator | None = None
@@ -387,6 +388,10 @@ class FfcvLoader(Loader):
             seeds = derive_many(self.seed, epoch, keys)  # (len(order),) uint32
         self.epoch_iterator = _WatchedEpochIterator(self, order, seeds)
         return self.epoch_iterator
+
+    def generate_code(self):
+        with cached_compilation():
+            super().generate_code()
 
     def close(self) -> None:
         """Stop the running epoch (if any) and wait for its decode thread to end."""
