@@ -86,7 +86,7 @@ from .config import Bool01, Choice, ConfigError, FloatList, Number, declared_key
 from .data.loaders import (LoaderError, Turns, check_beton, check_datasets, create_train_loader, create_val_loader,
                            get_resolution, one_torch_thread, read_classes, set_epoch, set_train_resolution)
 from .data.inspect import label_range, verify_beton
-from .data.jit import stats as jit_stats
+from .data.jit import CACHE_ENV as JIT_CACHE_ENV, cache_root as jit_cache_root, stats as jit_stats
 from .data.orders import RepeatAugOrder
 from .ema import ModelEma
 from .models import gflops, mlp_stats, model_from_cfg
@@ -771,6 +771,8 @@ class Trainer:
             self.source.take_turns()
         log.info(f"threads: torch {self.threads} intra-op, {decode_threads(cfg)} decode; overlap "
                  f"{self.overlap}: {OVERLAP_WORDS[self.overlap]} ({available_cores()} cores for this process)")
+        if hasattr(self.source, "take_turns"):  # ffcv pipelines (final.json: jit_cache loaded/compiled)
+            log.info(f"numba cache of the ffcv pipelines: {jit_cache_root() or 'off'} (${JIT_CACHE_ENV})")
         self.stop = StopSignal()
         if hasattr(self.source, "set_poll"):
             self.source.set_poll(self.poll_stop)

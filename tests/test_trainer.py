@@ -120,6 +120,8 @@ def test_one_process_trains_logs_and_refuses_a_changed_config(env, capsys):
     assert (state["epoch"], state["step_in_epoch"], state["updates"]) == (2, 0, 16)
     assert torch.load(run / "best.pt", weights_only=True)["top_1"] == fin["best_top_1"]
     assert "epoch 1:" in (run / "train.log").read_text()
+    assert f"numba cache of the ffcv pipelines: {os.environ['FASTVIT_REDUCE_JIT_CACHE']}" in (run / "train.log").read_text()
+    assert set(fin["jit_cache"]) == {"loaded", "compiled"}
 
     # re-running a finished run is a no-op; a harmless change is fine; a real change is refused
     before = (run / "log.jsonl").read_text()
