@@ -70,6 +70,21 @@ def test_cold_then_warm_loads_every_pipeline_and_decodes_the_same_pixels(jpeg_be
     assert "Cannot cache" not in stderr and "not loaded" not in stderr
 
 
+def test_two_cold_processes_at_once_fill_one_cache(jpeg_betons, tmp_path):
+    """Two ranks (or two sweep slots) starting together on an empty cache: both compile and write
+    the same entries; numba renames each finished file into place, so a third process loads all."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, jit.CACHE_ENV: str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", EPOCH, *jpeg_betons], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    hashes = {json.loads(out.strip().splitlines()[-1])["hash"] for out, _ in outs}
+    third, stderr = decode_epoch(jpeg_betons, cache)
+    assert hashes == {third["hash"]} and third["compiled"] == 0 and third["loaded"] == 6
+    assert not list(cache.rglob("*.tmp.*"))  # no half-written file left behind
+
+
 def test_damaged_cache_files_are_recompiled_with_a_warning(jpeg_betons, tmp_path):
     cache = tmp_path / "cache"
     good, _ = decode_epoch(jpeg_betons, cache)
