@@ -11,21 +11,17 @@
   truncated, overwritten, a CRC mismatch in the zip), ``"foreign"`` (readable, but not one of our
   checkpoints) or ``"unsafe"`` (asks for a Python class: refused, never loaded unsafely), and
   ``move_aside(path)`` renames a bad file so a run can start fresh or from ``best.pt``.
-* ``rng_state()`` / ``set_rng_state()`` capture python, numpy, torch and CUDA generators as
-  plain values.
 * ``config_diff()`` names the keys in which a resumed run's config differs from the saved one.
 """
 from __future__ import annotations
 
 import os
 import pickle
-import random
 import re
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 OUR_KEYS = ("format", "model", "epoch")  # every last.pt / best.pt the trainer writes holds these
@@ -201,29 +197,6 @@ def move_aside(path: str | Path) -> Path:
         new, n = path.with_name(f"{path.name}.damaged-{stamp}-{n}"), n + 1
     os.rename(path, new)
     return new
-
-
-def rng_state() -> dict:
-    """Python, numpy, torch CPU and (if present) CUDA generator states as plain values."""
-    np_name, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_gauss),
-                  float(np_cached)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what ``rng_state()`` captured (the CUDA part only when CUDA is present)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_name, np_keys, np_pos, np_gauss, np_cached = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_gauss, np_cached))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def config_diff(saved: dict, current: dict, harmless=lambda key: False) -> list[str]:

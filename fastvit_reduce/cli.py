@@ -29,7 +29,7 @@ COMMANDS = {
     "bench gpu": "fastvit_reduce.bench.gpu",
     "bench threads": "fastvit_reduce.bench.threads",
     "bench eval": "fastvit_reduce.bench.evalpaths",
-    "train": "fastvit_reduce.trainer",
+    "train": "fastvit_reduce.train",
     "sweep": "fastvit_reduce.sweep",
     "report": "fastvit_reduce.report",
     "compare": "fastvit_reduce.runs",

@@ -30,6 +30,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names every offending key."""
 
 
+class UsageError(ValueError):
+    """A bad command line or input of a subcommand: printed as one ``error:`` line, exit code 2."""
+
+
 # ----------------------------------------------------------------------------- checkers
 class Bool01(Checker):
     """A flag written as 0 or 1 (why: fastargs' bool checker maps "False" to True)."""
@@ -228,7 +232,12 @@ def load_config(argv: Sequence[str], sections: Iterable[str] | None = None):
     Raises ``ConfigError`` listing every unknown key (with suggestions) and every invalid value
     (with the allowed range), so a typo in a sweep config stops the run before any work.
     """
-    files, overrides = parse_argv(argv)
+    return load(*parse_argv(argv), sections)
+
+
+def load(files: Sequence[str], overrides: dict[str, tuple[object, str]], sections: Iterable[str] | None = None):
+    """``load_config`` from config files (later ones win) and ``{'section.key': (value, source)}``
+    overrides (which win over every file)."""
     merged: dict[str, tuple[object, str]] = {}
     for f in files:
         merged.update(read_yaml(f))

@@ -17,12 +17,9 @@ import sys
 
 import torch
 
+from fastvit_reduce.config import UsageError
 from fastvit_reduce.models import CHOICES, KNOB_OWNERS, create_model, gflops, mlp_stats
 from fastvit_reduce.strategies import STRATEGIES, StrategyError, check_knobs
-
-
-class UsageError(ValueError):
-    """Bad command-line input (printed as one ``error:`` line, exit code 2)."""
 
 
 class Parser(argparse.ArgumentParser):

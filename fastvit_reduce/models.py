@@ -3,8 +3,8 @@
     create_model('vit_base_patch16_224', strategy='grouped', scale=0.707)   # 86.57M -> 58.23M params
     model_from_cfg({"model.arch": "vit_tiny_patch16_224", "reduction.strategy": "thin", ...}, seed=0)
 
-Config sections ``model`` and ``reduction`` (read by ``model_from_cfg``) live here; the
-``reduction`` knobs, their defaults and ranges come from the strategy registry.
+``model_from_cfg`` reads the ``model`` and ``reduction`` keys (declared in
+``fastvit_reduce.settings``, the strategy knobs included).
 
 ``vit_base_patch16_224_dgmlp`` below is the seed's timm model; ``import fastvit_reduce`` registers
 it with timm (see the package docstring).
@@ -16,7 +16,6 @@ import pickle
 from pathlib import Path
 
 import torch
-from fastargs import Param, Section
 from timm.models import clean_state_dict
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -24,35 +23,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastvit_reduce import SEED_MODELS  # registered with timm by the package's __init__
-from fastvit_reduce.config import Choice, ConfigError, Number, resolved
+from fastvit_reduce.config import ConfigError, declared_keys
+from fastvit_reduce.settings import KNOB_OWNERS, STRATEGY_CHOICES
 from fastvit_reduce.strategies import (STRATEGIES, StrategyError, apply_grouped, model_name, param_count,
                                        timm_model, vit_blocks)
 
 
-CHOICES = ("baseline", *STRATEGIES)
-KNOB_OWNERS = {k: [s.name for s in STRATEGIES.values() if k in s.knobs]
-               for s in STRATEGIES.values() for k in s.knobs}  # knob -> strategies taking it
+CHOICES = STRATEGY_CHOICES
 KNOB_DEFAULTS = {k: knob for s in STRATEGIES.values() for k, knob in s.knobs.items()}  # knob -> Knob
 
-MODEL_PARAMS = dict(
-    arch=Param(str, "timm model name (also the seed's vit_base_patch16_224_dgmlp)", default="vit_base_patch16_224"),
-    num_classes=Param(Number(int, 1), "classifier outputs", default=1000),
-    img_size=Param(Number(int, 1), "model input size in px (sets the position embedding)", default=224),
-    patch_size=Param(Number(int, 0), "patch size in px (0 = the arch's)", default=0),
-    drop_path=Param(Number(float, 0, 1, hi_open=True), "stochastic depth rate", default=0.1),
-    pretrained_file=Param(str, "local state dict (ours or timm's) loaded into the full model before the "
-                          "surgery ('' = none; thin: must already have the thin widths)", default=""),
-)
-REDUCTION_PARAMS = dict(
-    strategy=Param(Choice(*CHOICES), "MLP reduction strategy", default="baseline"),
-    **{k: Param(knob.checker, f"{knob.help} ({'/'.join(KNOB_OWNERS[k])})", default=knob.default)
-       for k, knob in KNOB_DEFAULTS.items()},
-)
-Section("model", "the timm ViT to build").params(**MODEL_PARAMS)
-Section("reduction", "MLP reduction strategy and its knobs (see fastvit_reduce/strategies)").params(
-    **REDUCTION_PARAMS)
-DEFAULTS = {**{f"model.{k}": p.default for k, p in MODEL_PARAMS.items()},
-            **{f"reduction.{k}": p.default for k, p in REDUCTION_PARAMS.items()}}
+
+def _defaults() -> dict:
+    """``model.*`` and ``reduction.*`` defaults as declared in ``fastvit_reduce.settings``."""
+    return {k: p.default for k, p in declared_keys(["model", "reduction"]).items()}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -154,8 +137,10 @@ def model_from_cfg(cfg: dict, *, dynamic_img_size: bool = False, seed: int | Non
     ``torch.manual_seed(seed)`` runs just before timm builds the model, so variants built from the
     full model (shallow, grouped) start from the same weights before their surgery.
     """
+    defaults = _defaults()
+
     def get(key):
-        return cfg[key] if key in cfg else DEFAULTS[key]
+        return cfg[key] if key in cfg else defaults[key]
 
     strategy = get("reduction.strategy")
     own = STRATEGIES[strategy].knobs if strategy in STRATEGIES else {}
@@ -185,11 +170,6 @@ def _same(knob, value) -> bool:
         return knob.checker.check(value) == knob.checker.check(knob.default)
     except (TypeError, ValueError):
         return False
-
-
-def model_from_config(dynamic_img_size: bool = False, **timm_overrides) -> nn.Module:
-    """``model_from_cfg`` on the current fastargs ``model.*`` / ``reduction.*`` config."""
-    return model_from_cfg(resolved(["model", "reduction"]), dynamic_img_size=dynamic_img_size, **timm_overrides)
 
 
 # ----------------------------------------------------------------------------- the seed's model names

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, dump_json
+from .settings import STRATEGY_KNOBS
 
 # keys that may differ between a checkpoint and the run resuming it: logging, checkpointing,
 # loader tuning (threads, prefetch depth: the data stream does not depend on them), dataset paths
@@ -48,8 +49,6 @@ FINAL_KEYS = ["experiment", "strategy", "arch", "img_size", "epochs", "params", 
               "top_1", "best_top_1", "final_top_1", "headline", "raw_best_top_1", "raw_final_top_1",
               "best_ema_top_1", "final_ema_top_1", "total_time_s", "train_img_s", "data_wait_frac",
               "completed", "exit_reason", "weights_hash", "first_batch_hash"]
-KNOBS = {"thin": ["mlp_ratio", "round_to"], "shallow": ["keep_ratio", "prune_by", "round_to"],
-         "grouped": ["scale", "group_size"]}  # strategy -> reduction.* keys that describe it
 
 
 class RunFolderError(RuntimeError):
@@ -79,27 +78,22 @@ def check_experiment_name(name: str) -> str:
 
 def weights_hash(state_dict: dict) -> str:
     """Short SHA-256 of a state dict's tensors (names, shapes, dtypes, bytes), in key order."""
-    h = hashlib.sha256()
-    for name, t in state_dict.items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(-1).view(torch_uint8()).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    return _hash((f"{name}:", t) for name, t in state_dict.items())
 
 
 def tensor_hash(*tensors) -> str:
-    """Short SHA-256 of tensors' bytes (e.g. the first input batch)."""
+    """Short SHA-256 of tensors' shapes, dtypes and bytes (e.g. the first input batch)."""
+    return _hash(("", t) for t in tensors)
+
+
+def _hash(named_tensors) -> str:
+    import torch  # why here: report and sweep read run folders without torch
     h = hashlib.sha256()
-    for t in tensors:
+    for prefix, t in named_tensors:
         t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(-1).view(torch_uint8()).numpy().tobytes() if t.numel() else b"")
+        h.update(f"{prefix}{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def torch_uint8():
-    import torch
-    return torch.uint8
 
 
 class RunFolder:
@@ -256,7 +250,7 @@ def read_run(path: str | Path) -> dict:
     rows = run.read_rows()
     cfg = params.get("config", {}) if isinstance(params, dict) else {}
     strategy = final.get("strategy") or cfg.get("reduction.strategy")
-    knobs = " ".join(f"{k}={cfg[f'reduction.{k}']}" for k in KNOBS.get(strategy or "", [])
+    knobs = " ".join(f"{k}={cfg[f'reduction.{k}']}" for k in STRATEGY_KNOBS.get(strategy or "", {})
                      if f"reduction.{k}" in cfg and not (k == "round_to" and cfg[f"reduction.{k}"] == 1))
     return {"path": run.path, "final": final, "params": params, "rows": rows, "config": cfg,
             "strategy": strategy, "knobs": knobs, "pair": params.get("pair") if isinstance(params, dict) else None}

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # why: the suite runs tiny models, often two processes at once on 2 cores; passive waiting measured
-# 0.92x the default step on the demo's test_vit (README, "OpenMP wait policy"). Training itself
+# 0.92x the default step on the demo's test_vit (docs/results/speed.md). Training itself
 # leaves the policy unset: PASSIVE slowed ViT-Ti/ViT-S steps 1.09-1.12x.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 [ $# -gt 0 ] || set -- tests   # default: the whole suite; otherwise the files/flags given

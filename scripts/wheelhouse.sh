@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build an offline wheelhouse for GPU nodes without internet (issue 14).
+# Build an offline wheelhouse for GPU nodes without internet (docs/install.md).
 #   scripts/wheelhouse.sh [--no-torch] [--only PKG...] [PYTHON] [OUT_DIR]
 #     PYTHON   the interpreter of the target nodes (default python3): wheels are built for its
 #              version, so run this on a machine with the nodes' OS family and Python

@@ -14,7 +14,7 @@
 #   256  a fast option (`write_imagenet.sh 256 0.50 90` -> train_256_0.50_90.beton): ~1/4 of the
 #        pixels to store and decode, but most 224 px crops and the whole val crop (0.9 x ~192 =
 #        ~172 px) are then upsampled to 224: a candidate cause of top-1 below the seed's recipe
-#        (issue 12; not yet measured alone). Use it for quick experiments, not for numbers
+#        (not yet measured alone). Use it for quick experiments, not for numbers
 #        compared with the seed.
 #
 # IMAGENET_DIR holds train/ and val/, each with one folder per class (ImageFolder layout).
@@ -53,7 +53,7 @@ done
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 if [ -x "$REPO/.venv/bin/python" ]; then
-    WRITE=(env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}" "$REPO/.venv/bin/python" -m fastvit_reduce.write)
+    WRITE=(env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}" "$REPO/.venv/bin/python" -m fastvit_reduce.cli write)
 elif command -v fastvit-reduce >/dev/null; then
     WRITE=(fastvit-reduce write)
 else

@@ -1,16 +1,15 @@
-"""Shared test fixtures: tiny synthetic ``.beton`` files and a tiny ViT name.
-
-The images are learnable on purpose: class ``c`` is a noisy image whose dominant colour and
-stripe direction depend on ``c``, so a tiny ViT's loss falls within a couple of epochs.
-"""
+"""Shared test fixtures: tiny synthetic ``.beton`` files (``fastvit_reduce.data.synthetic``) and a
+tiny ViT recipe."""
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
 
-import numpy as np
 import pytest
+
+import fastvit_reduce.data.ffcv_patch  # noqa: F401,I001 — the fast ffcv import, before any test imports ffcv
+from fastvit_reduce.data.synthetic import make_images, write_beton  # noqa: F401 — used by test modules
 
 _JIT_CACHE = "FASTVIT_REDUCE_JIT_CACHE"
 
@@ -32,36 +31,6 @@ def pytest_unconfigure(config):
 
 TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
                 depth=4, num_heads=2, num_classes=4)
-
-
-def make_images(n: int, num_classes: int, size: int = 48, seed: int = 0):
-    """``n`` (HxWx3 uint8 image, label) pairs, with class-dependent colour and stripes."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        label = i % num_classes
-        img = rng.integers(0, 60, size=(size, size, 3), dtype=np.int32)
-        img[..., label % 3] += 150
-        stripes = (np.arange(size) // 6) % 2 == 0
-        if label // 3 % 2:
-            img[:, stripes] += 40
-        else:
-            img[stripes, :] += 40
-        out.append((np.clip(img, 0, 255).astype(np.uint8), label))
-    return out
-
-
-def write_beton(path, n: int = 64, num_classes: int = 4, size: int = 48, seed: int = 0,
-                write_mode: str = "raw") -> str:
-    """Write ``n`` synthetic samples with ffcv's own DatasetWriter (image + int label)."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
-    data = make_images(n, num_classes, size, seed)
-    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode=write_mode, max_resolution=size),
-                                       "label": IntField()}, num_workers=1)
-    writer.from_indexed_dataset(data)
-    return str(path)
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvit_reduce.bench.e2e import TimmSource, guard_posterize, summarise
+from fastvit_reduce.bench.e2e import summarise
+from fastvit_reduce.bench.timm_path import TimmSource, guard_posterize
 from fastvit_reduce.sample import build_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +40,7 @@ def cfg(**changes) -> dict:
 
 
 def source(folder, **changes) -> TimmSource:
-    return TimmSource(cfg(**changes), torch.device("cpu"), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+    return TimmSource(cfg(**changes), torch.device("cpu"), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                       train_dir=str(folder / "train"), val_dir=str(folder / "val"))
 
 
@@ -62,7 +63,8 @@ def test_seed_recipe_batches(folder):
     assert src.soft_targets and len(src) == CLASSES * TRAIN_PER_CLASS // BATCH  # drop_last, as timm trains
     batches = list(src.epoch(0))
     assert len(batches) == len(src)
-    for x, target in batches:
+    for x, target, ready in batches:
+        assert ready is None
         assert x.dtype == torch.float32 and x.shape == (BATCH, 3, 32, 32) and x.device.type == "cpu"
         assert target.shape == (BATCH, CLASSES) and target.dtype == torch.float32
         torch.testing.assert_close(target.sum(1), torch.ones(BATCH))  # soft rows (mixup + smoothing)
@@ -76,7 +78,7 @@ def test_seed_recipe_batches(folder):
 def test_without_mixup_targets_are_labels(folder):
     src = source(folder, **{"augment.mixup": 0.0, "augment.cutmix": 0.0, "augment.randaugment": ""})
     assert not src.soft_targets
-    x, y = next(iter(src.epoch(0)))
+    x, y, _ = next(iter(src.epoch(0)))
     assert y.dtype == torch.int64 and y.shape == (BATCH,) and y.max() < CLASSES
 
 

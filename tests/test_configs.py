@@ -9,8 +9,9 @@ import torch
 from fastargs import get_current_config
 
 from fastvit_reduce.config import load_config, resolved
-from fastvit_reduce.models import model_from_config, param_count
-from fastvit_reduce.trainer import SECTIONS, batch_plan
+from fastvit_reduce.models import model_from_cfg, param_count
+from fastvit_reduce.recipe import batch_plan
+from fastvit_reduce.settings import SECTIONS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "rn_configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
@@ -40,5 +41,5 @@ def test_strategy_file_header_and_expected_params(name):
     assert (plan["global_batch"], plan["per_gpu_batch"], plan["accum"]) == (1024, 256, 2)  # the seed's 2 GPUs
     expected = int(re.search(r"Expected params: ([\d,]+) exactly", text).group(1).replace(",", ""))
     with torch.device("meta"):  # shapes only: ViT-B without allocating 86M parameters
-        model = model_from_config()
+        model = model_from_cfg(resolved(SECTIONS))
     assert param_count(model) == expected

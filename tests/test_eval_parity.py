@@ -1,4 +1,4 @@
-"""Validation pixels against timm's own eval transform (issue 12).
+"""Validation pixels against timm's own eval transform.
 
 Real photos (scikit-image's bundled data images) are written to a raw-mode .beton at
 max_resolution 512, as ImageNet is stored; each is loaded through ``create_val_loader`` at 224 and
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastvit_reduce.data.loaders import create_val_loader, timm_center_crop
+from fastvit_reduce.data.decoders import timm_center_crop
+from fastvit_reduce.data.loaders import create_val_loader
 
 skimage_data = pytest.importorskip("skimage.data")
 

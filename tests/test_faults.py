@@ -1,4 +1,4 @@
-"""Hostile inputs and faults (issue 15): each fault class ends in a one-line error, never a hang,
+"""Hostile inputs and faults: each fault class ends in a one-line error, never a hang,
 a traceback, silent loss or an injected command."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastvit_reduce import sweep
+from fastvit_reduce.data.betons import verify_beton
 
 
 # ----------------------------------------------------------------------------- sweep children
@@ -134,7 +135,7 @@ def _zero_header(path: str) -> None:
 
 @pytest.mark.parametrize("mode", ["raw", "jpg"])
 def test_verify_beton_accepts_a_healthy_file_and_reads_the_label_range(tiny_beton, mode):
-    from fastvit_reduce.data.inspect import label_range, verify_beton
+    from fastvit_reduce.data.betons import label_range, verify_beton
     path = tiny_beton(n=40, num_classes=5, write_mode=mode)
     assert verify_beton(path) == 40
     assert label_range(path) == (0, 4, 40)
@@ -153,7 +154,7 @@ def test_verify_beton_finds_damage(tiny_beton, capsys, mode, damage):
     damage(path)
     capsys.readouterr()  # drop the writer's progress bar
     with pytest.raises(ConfigError, match="damaged .beton") as e:
-        inspect_cmd.verify_beton(path)
+        verify_beton(path)
     assert str(e.value).startswith(path) and "\n" not in str(e.value)
     assert inspect_cmd.main([path]) == 1  # plain inspect no longer calls it healthy
     err = capsys.readouterr().err
@@ -169,7 +170,7 @@ def test_inspect_deep_lists_the_jpegs_that_do_not_decode(tiny_beton, capsys):
     meta = Reader(path).metadata
     ptr = int(meta["f0"]["data_ptr"][7])
     _zero(path, ptr + 2, 400)  # the JPEG headers after SOI
-    assert inspect_cmd.verify_beton(path) == 20
+    assert verify_beton(path) == 20
     assert inspect_cmd.deep_check(path) == [7]
     capsys.readouterr()
     assert inspect_cmd.main([path, "--deep"]) == 1
@@ -180,7 +181,7 @@ def test_inspect_deep_lists_the_jpegs_that_do_not_decode(tiny_beton, capsys):
 
 
 def test_label_range_reads_labels_from_the_file_without_classes_json(tiny_beton):
-    from fastvit_reduce.data.inspect import label_range
+    from fastvit_reduce.data.betons import label_range
     path = tiny_beton(n=30, num_classes=6)
     assert not os.path.exists(path + ".classes.json")
     assert label_range(path) == (0, 5, 30)

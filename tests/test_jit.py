@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fastvit_reduce.data  # noqa: F401 — the fast ffcv import, before any ffcv module
+import fastvit_reduce.data.ffcv_patch  # noqa: F401 — the fast ffcv import, before any ffcv module
 from fastvit_reduce.data import jit
 
 # one process: build the train and val loaders on a JPEG .beton, decode an epoch of each, print
@@ -194,7 +194,7 @@ def test_fingerprint_refuses_what_it_cannot_hash_stably():
 
 
 def test_fingerprint_is_the_same_in_another_process():
-    code = ("from fastvit_reduce.data import jit, loaders as L; import numba;"
+    code = ("from fastvit_reduce.data import jit, decoders as L; import numba;"
             "d = L.SeededRandomResizedCropDecoder((32, 32));"
             "print(jit.fingerprint(numba.njit(L._flip_in_place)), jit.fingerprint(numba.njit(jit.imdecode)))")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -233,7 +233,7 @@ def test_symbol_bindings_match_ffcvs_ctypes_calls():
 
 # ----------------------------------------------------------------------------- fast import
 def test_ffcv_import_uses_a_plain_dict_for_image_modes_and_restores_numba():
-    code = ("import time; t = time.perf_counter(); import fastvit_reduce.data;"
+    code = ("import time; t = time.perf_counter(); import fastvit_reduce.data.ffcv_patch;"
             "from ffcv.fields.rgb_image import IMAGE_MODES; import numba.typed as t2;"
             "print(type(IMAGE_MODES).__name__, sorted(IMAGE_MODES.items()), t2.Dict.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -247,8 +247,8 @@ def test_decoder_cache_files_live_in_the_cache_folder_only(jpeg_betons, tmp_path
     cache = tmp_path / "cache"
     decode_epoch(jpeg_betons, cache)
     names = {p.name.split("-")[0] for p in cache.rglob("*.nbi")}
-    assert {"loaders.SeededRandomResizedCropDecoder.generate_code.locals.decode",
-            "loaders.TimmCenterCropDecoder.generate_code.locals.decode",
+    assert {"decoders.SeededRandomResizedCropDecoder.generate_code.locals.decode",
+            "decoders.TimmCenterCropDecoder.generate_code.locals.decode",
             "os_cache.OSCacheManager.compile_reader.locals.read"} <= names
     package = Path(jit.__file__).parent
     assert not list(package.rglob("*.nbi"))  # numba's default would write next to the source

@@ -13,8 +13,8 @@ import timm
 import torch
 from conftest import TINY_VIT
 
-from fastvit_reduce.config import ConfigError, load_config
-from fastvit_reduce.models import create_model, mlp_stats, model_from_cfg, model_from_config, param_count
+from fastvit_reduce.config import ConfigError, load_config, resolved
+from fastvit_reduce.models import create_model, mlp_stats, model_from_cfg, param_count
 from fastvit_reduce.strategies import StrategyError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +137,7 @@ def test_model_from_cfg_stray_knobs():
                         "reduction.prune_by": "magnitude"}, **SHAPE)
 
 
-def test_model_from_config_accepts_the_seed_arch():
+def test_model_from_cfg_accepts_the_seed_arch():
     load_config(["--model.arch", DG, "--model.img_size=32", "--model.patch_size=8", "--model.num_classes=4",
                  "--model.drop_path=0"], ["model", "reduction"])
-    assert mlp_stats(model_from_config(**SHAPE))["unique_mlps"] == 2
+    assert mlp_stats(model_from_cfg(resolved(["model", "reduction"]), **SHAPE))["unique_mlps"] == 2

@@ -1,4 +1,4 @@
-"""Paired mode (issue 11): K variants step in turn on each batch, decoded and augmented once.
+"""Paired mode: K variants step in turn on each batch, decoded and augmented once.
 
 A paired variant must be exactly the run it would be alone (same batches, same drop-path stream,
 same init), write the same files, survive kill -9 with every variant at one position, and stop
@@ -18,13 +18,14 @@ import pytest
 from conftest import write_tiny_config
 from fastvit_reduce import runs
 from fastvit_reduce.report import load_run, markdown_table
-from fastvit_reduce.trainer import main
+from fastvit_reduce.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = """import sys
+import fastvit_reduce.data.ffcv_patch  # the fast ffcv import
 from ffcv.pipeline.compiler import Compiler
 Compiler.set_enabled(False)  # why: tests skip ffcv's ~10 s numba JIT per pipeline
-from fastvit_reduce.trainer import main
+from fastvit_reduce.train import main
 sys.exit(main(sys.argv[1:]))
 """
 FILES = {"params.json", "log.jsonl", "summary.csv", "final.json", "last.pt", "best.pt", "train.log"}

@@ -1,4 +1,4 @@
-"""The seed's recipe, exactly, at any process count (issue 12): a tested seed-flag table.
+"""The seed's recipe, exactly, at any process count: a tested seed-flag table.
 
 For each of the seed's four commands (parameter-efficient-vit-mlps README: baseline, thin,
 shallow, grouped on ViT-B/16), our matching config resolved at 1, 2 and 8 simulated processes
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from fastvit_reduce.config import ConfigError, load_config, resolved
-from fastvit_reduce.trainer import SECTIONS, batch_plan, main
+from fastvit_reduce.recipe import batch_plan
+from fastvit_reduce.settings import SECTIONS
+from fastvit_reduce.train import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "rn_configs"
 # seed flag -> (our key, value); the same for the four commands

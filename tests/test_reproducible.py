@@ -1,4 +1,4 @@
-"""Same command, same weights (issue 13): every random draw is a pure function of integer keys.
+"""Same command, same weights: every random draw is a pure function of integer keys.
 
 In-process runs of the real trainer (``main``) on 64 tiny images, 2 epochs of 8 steps, with the
 seed's augmentation (RandAugment, mixup/cutmix, erasing, repeated augmentation) and drop-path, so
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SEED_AUGMENT, write_tiny_config
 from fastvit_reduce import runs
-from fastvit_reduce.trainer import main
+from fastvit_reduce.train import main
 
 pytestmark = pytest.mark.usefixtures("no_jit")
 

@@ -1,4 +1,4 @@
-"""The run folder (fastvit_reduce.runs): one writer, plain names, resumes that cannot lie (issue 15)."""
+"""The run folder (fastvit_reduce.runs): one writer, plain names, resumes that cannot lie."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from conftest import write_tiny_config
 from fastvit_reduce import runs, trainer
 from fastvit_reduce.config import ConfigError
-from fastvit_reduce.trainer import main
+from fastvit_reduce.train import main
 
 
 @pytest.fixture(scope="module")

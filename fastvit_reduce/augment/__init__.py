@@ -1,6 +1,2 @@
-"""On-device batch augmentation: batched timm RandAugment, normalisation, Mixup/CutMix, erasing."""
-from .batch import BatchAugment, augment_from_cfg, augment_from_config, normalize
-from .randaugment import BatchRandAugment
-
-__all__ = ["BatchAugment", "BatchRandAugment", "augment_from_cfg", "augment_from_config",
-           "normalize"]
+"""On-device batch augmentation: ``batch`` (normalise, erasing, Mixup/CutMix, the train transform),
+``randaugment`` (timm's RandAugment on a batch) and ``spec`` (timm's spec strings, torch-free)."""

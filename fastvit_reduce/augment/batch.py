@@ -33,51 +33,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from fastargs import Param, Section
-from fastargs.decorators import param
-from fastargs.validation import Checker
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from ..config import Choice, Number
-from .randaugment import BatchRandAugment, parse_spec
-
-
-class RandAugmentSpec(Checker):
-    """A timm RandAugment spec string (checked by parsing it), or '' for off."""
-
-    def check(self, value):
-        value = "" if value is None else str(value).strip()
-        if value:
-            parse_spec(value)  # raises ValueError naming the bad section
-        return value
-
-    def help(self):
-        return "a timm RandAugment spec like rand-m9-mstd0.5-inc1, or '' for off"
-
-
-Section("augment", "on-device batch augmentation (defaults: the DeiT recipe)").params(
-    randaugment=Param(RandAugmentSpec(), "timm RandAugment spec; '' = off",
-                      default="rand-m9-mstd0.5-inc1"),
-    mixup=Param(Number(float, 0), "mixup Beta(alpha, alpha); 0 = off", default=0.8),
-    cutmix=Param(Number(float, 0), "cutmix Beta(alpha, alpha); 0 = off", default=1.0),
-    mixup_prob=Param(Number(float, 0, 1), "probability of mixing a batch/pair/element",
-                     default=1.0),
-    mixup_switch_prob=Param(Number(float, 0, 1), "probability of cutmix instead of mixup when "
-                            "both are on", default=0.5),
-    mixup_mode=Param(Choice("batch", "pair", "elem"), "one lambda per batch, pair or element",
-                     default="batch"),
-    reprob=Param(Number(float, 0, 1), "random erasing probability per image; 0 = off",
-                 default=0.25),
-    remode=Param(Choice("pixel", "rand", "const"), "random erasing fill: per-pixel noise, "
-                 "per-box colour, or zeros", default="pixel"),
-    recount=Param(Number(int, 1), "max erased boxes per image", default=1),
-    erase_order=Param(Choice("before_mix", "after_mix"), "random erasing per image before "
-                      "mixup/cutmix (timm's order) or on the mixed batch (this project's order "
-                      "before issue 12, kept for the accuracy-lever study)", default="before_mix"),
-    aug_repeats=Param(Number(int, 1), "repeated augmentation: copies of each image per epoch "
-                      "(read by the train loader's order); 1 = off", default=3),
-)
+from .randaugment import BatchRandAugment
 
 
 def _channel_stats(values: Sequence[float], name: str) -> tuple[float, float, float]:
@@ -373,23 +332,6 @@ class BatchAugment:
     def __repr__(self) -> str:
         return (f"BatchAugment(randaugment={self.randaugment}, mixup={self.mixup is not None}, "
                 f"erasing={self.erasing}, dtype={self.dtype})")
-
-
-@param("augment.randaugment")
-@param("augment.mixup")
-@param("augment.cutmix")
-@param("augment.mixup_prob")
-@param("augment.mixup_switch_prob")
-@param("augment.mixup_mode")
-@param("augment.reprob")
-@param("augment.remode")
-@param("augment.recount")
-@param("augment.erase_order")
-def augment_from_config(num_classes: int, mean, std, label_smoothing: float, device,
-                        dtype: torch.dtype = torch.float32, **augment) -> BatchAugment:
-    """``BatchAugment`` from the current config's ``augment`` section (keys may be overridden)."""
-    return BatchAugment(num_classes, mean, std, label_smoothing=label_smoothing, device=device,
-                        dtype=dtype, **augment)
 
 
 AUGMENT_KEYS = ("randaugment", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "mixup_mode",

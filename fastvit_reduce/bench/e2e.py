@@ -6,15 +6,8 @@
 
 Paths (the rest of the loop is the trainer's own code, for both):
 
-* ``timm`` — the ordinary pipeline, built as timm's ``train.py`` builds it (1.0.x defaults):
-  ``create_dataset`` on the ImageFolder, ``create_loader`` with PIL transforms in worker
-  processes (``create_transform``: RandomResizedCrop with ``interpolation='random'``,
-  RandAugment, colour jitter 0.4 which timm itself drops when RandAugment is on), the
-  prefetcher (normalise + RandomErasing on the batch), ``FastCollateMixup`` as the collate
-  function, repeated augmentation through ``RepeatAugSampler`` (which timm only builds in
-  distributed mode: with ``augment.aug_repeats`` > 1 the child joins a one-process gloo group, as
-  ``torchrun --nproc-per-node=1 train.py`` would), eval with the model's interpolation and
-  ``crop_pct``. Pillow 13 guard: ``guard_posterize``.
+* ``timm`` — the ordinary pipeline, built as timm's ``train.py`` builds it
+  (``fastvit_reduce.bench.timm_path.TimmSource``);
 * ``ours`` — the trainer's FFCV source from the ``.beton`` files.
 
 The ``.beton`` files are written once first (their cost is its own line). Then the runs go
@@ -46,9 +39,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from fastvit_reduce.config import UsageError
+from fastvit_reduce.procs import launch
+from fastvit_reduce.runs import RunFolder
 
 SEED_RECIPE = {"augment.randaugment": "rand-m9-mstd0.5-inc1", "augment.mixup": 0.8, "augment.cutmix": 1.0,
                "augment.reprob": 0.25}
@@ -60,159 +56,9 @@ COLUMNS = [("path", "path"), ("wall_s", "wall s"), ("startup_s", "start-up s"), 
 IMPORT_MARK = "bench-e2e ffcv_import_s="
 
 
-class UsageError(ValueError):
-    """A bad command line or input folder; printed as one ``error:`` line, exit code 2."""
-
-
-# ----------------------------------------------------------------------------- the timm path
-def guard_posterize() -> None:
-    """Make timm's PIL posterize give its old meaning for ``bits <= 0`` (an all-black image).
-
-    why: with ``rand-m9-mstd0.5-inc1`` the magnitude noise reaches 10 and the increasing
-    posterize asks for ``bits=0``; Pillow 13's ``ImageOps.posterize`` raises for that (older
-    Pillow returned black), which kills a worker a few batches into an epoch. timm's
-    ``AugmentOp`` looks its function up in ``timm.data.auto_augment.NAME_TO_OP`` when it is
-    built, so the entries are replaced here, before ``create_transform``.
-    """
-    from PIL import Image
-    from timm.data import auto_augment
-
-    original = auto_augment.posterize
-    if getattr(original, "guarded", False):
-        return
-
-    def posterize(img, bits_to_keep, **kwargs):
-        if bits_to_keep <= 0:
-            return Image.new(img.mode, img.size)  # all zero = black, as Pillow < 13 gave
-        return original(img, bits_to_keep, **kwargs)
-
-    posterize.guarded = True
-    auto_augment.posterize = posterize
-    for name, fn in list(auto_augment.NAME_TO_OP.items()):
-        if fn is original:
-            auto_augment.NAME_TO_OP[name] = posterize
-
-
-def _eval_data_config(cfg: dict) -> dict:
-    """timm's data config (interpolation, crop_pct, mean, std) of the configured model, from a
-    ``meta``-device copy (shapes only: no memory, no init)."""
-    import torch
-    from timm.data import resolve_data_config
-
-    from fastvit_reduce.models import model_from_cfg
-
-    with torch.device("meta"):
-        model = model_from_cfg(cfg)
-    return resolve_data_config({}, model=model)
-
-
-def timm_val_loader(cfg: dict, data_cfg: dict, val_dir: str, workers: int, **common):
-    """timm's eval loader on an ImageFolder, as ``train.py`` builds it: PIL, resize the short side
-    to ``img / crop_pct`` with the model's interpolation, centre crop (``create_transform``
-    ``is_training=False``); ``common``: create_loader's mean, std, device, prefetcher, ..."""
-    from timm.data import create_dataset, create_loader
-
-    val_res = cfg["validation.resolution"] or cfg["model.img_size"]
-    val_set = create_dataset("", root=val_dir, split="validation", is_training=False,
-                             batch_size=cfg["validation.batch_size"])
-    return create_loader(val_set, input_size=(3, val_res, val_res), batch_size=cfg["validation.batch_size"],
-                         is_training=False, interpolation=data_cfg["interpolation"], num_workers=workers,
-                         crop_pct=cfg["data.crop_pct"] or data_cfg["crop_pct"], **common)
-
-
-class TimmSource:
-    """Train batches from timm's own loaders on an ImageFolder (the ``TrainSource`` protocol).
-
-    ``epoch(e)`` yields ``(x, target)``: ``x`` normalised float32 ``(B, 3, H, W)`` on ``device``;
-    ``target`` ``(B, num_classes)`` soft rows when mixup/cutmix is on (``soft_targets``), else
-    int64 labels. ``val()`` yields normalised ``x`` and int64 labels, or is None without ``val_dir``.
-    """
-
-    def __init__(self, cfg: dict, device, mean, std, *, train_dir: str, val_dir: str | None = None,
-                 prefetcher: bool = True):
-        import torch
-        import torch.distributed as dist
-        from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
-
-        from fastvit_reduce.config import ConfigError
-
-        if cfg["resolution.min_res"] != cfg["resolution.max_res"]:
-            raise ConfigError("bench e2e: timm's loader has no progressive resizing; set resolution.min_res "
-                              f"= resolution.max_res (got {cfg['resolution.min_res']} and {cfg['resolution.max_res']})")
-        guard_posterize()
-        self.device = torch.device(device)
-        self.prefetcher = prefetcher
-        repeats = cfg["augment.aug_repeats"] if cfg["augment.aug_repeats"] > 1 else 0  # timm: 0 = off
-        distributed = dist.is_available() and dist.is_initialized()
-        if repeats and not distributed:
-            # why: timm's create_loader builds RepeatAugSampler only when distributed (it asserts
-            # otherwise); a one-process group is what `torchrun --nproc-per-node=1 train.py` gives.
-            store = Path(tempfile.mkdtemp(prefix="e2e_gloo_")) / "store"
-            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-            distributed = True
-        self.distributed = distributed
-        data_cfg = _eval_data_config(cfg)
-        res = cfg["resolution.max_res"]
-        mixup_active = cfg["augment.mixup"] > 0 or cfg["augment.cutmix"] > 0
-        mixup_args = dict(mixup_alpha=cfg["augment.mixup"], cutmix_alpha=cfg["augment.cutmix"], cutmix_minmax=None,
-                          prob=cfg["augment.mixup_prob"], switch_prob=cfg["augment.mixup_switch_prob"],
-                          mode=cfg["augment.mixup_mode"], label_smoothing=cfg["training.label_smoothing"],
-                          num_classes=cfg["model.num_classes"])
-        self.soft_targets = mixup_active
-        collate_fn, self.mixup_fn = None, None
-        if mixup_active:  # as train.py: mixup in the collate with the prefetcher, else on the batch
-            if prefetcher:
-                collate_fn = FastCollateMixup(**mixup_args)
-            else:
-                self.mixup_fn = Mixup(**mixup_args)
-        # worker processes: as many as the FFCV path gets decode threads (0 = this process's cores)
-        from fastvit_reduce.trainer import decode_threads
-        workers = decode_threads(cfg)
-        common = dict(mean=tuple(mean), std=tuple(std), pin_memory=False, img_dtype=torch.float32,
-                      device=self.device, distributed=distributed, use_prefetcher=prefetcher)
-        self.dataset = create_dataset("", root=train_dir, split="train", is_training=True,
-                                      batch_size=cfg["training.batch_size"], seed=cfg["training.seed"])
-        # train.py's defaults for what our config does not name: train_crop_mode None, vflip 0,
-        # color_jitter 0.4 (off under RandAugment), interpolation 'random', re_split off, worker_seeding 'all'
-        self.loader = create_loader(
-            self.dataset, input_size=(3, res, res), batch_size=cfg["training.batch_size"], is_training=True,
-            no_aug=False, re_prob=cfg["augment.reprob"], re_mode=cfg["augment.remode"],
-            re_count=cfg["augment.recount"], re_split=False, scale=tuple(cfg["data.rrc_scale"]),
-            ratio=tuple(cfg["data.rrc_ratio"]), hflip=0.5 if cfg["data.hflip"] else 0.0, vflip=0.0,
-            color_jitter=0.4, auto_augment=cfg["augment.randaugment"] or None, num_aug_repeats=repeats,
-            num_aug_splits=0, interpolation="random", num_workers=workers,
-            worker_seeding="all", collate_fn=collate_fn, **common)
-        self.val_loader = timm_val_loader(cfg, data_cfg, val_dir, workers, **common) if val_dir else None
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def has_val(self) -> bool:
-        return self.val_loader is not None
-
-    def epoch(self, epoch: int, skip: int = 0):
-        """The batches ``skip``.. of ``epoch`` (train.py: ``sampler.set_epoch`` when distributed;
-        skipped batches are still loaded, as timm has no way to jump ahead)."""
-        if self.distributed and hasattr(self.loader.sampler, "set_epoch"):
-            self.loader.sampler.set_epoch(epoch)
-        for i, (x, target) in enumerate(self.loader):
-            if i < skip:
-                continue
-            if not self.prefetcher:
-                x, target = x.to(self.device), target.to(self.device)
-                if self.mixup_fn is not None:
-                    x, target = self.mixup_fn(x, target)
-            yield x, target
-
-    def val(self):
-        """Validation batches (normalised ``x``, int64 labels), or None."""
-        return self.val_loader
-
-
 # ----------------------------------------------------------------------------- one child run
 def child_main(path: str, train_argv: list[str], train_dir: str, val_dir: str) -> int:
-    """Inside the child process: ``trainer.main(train_argv)`` with ``path``'s data source."""
+    """Inside the child process: ``train.main(train_argv)`` with ``path``'s data source."""
     import functools
 
     import timm  # noqa: F401 — both paths need torch and timm: not timed
@@ -221,12 +67,13 @@ def child_main(path: str, train_argv: list[str], train_dir: str, val_dir: str) -
     import cv2  # noqa: F401
     import numba  # noqa: F401
 
-    import fastvit_reduce.data  # noqa: F401 — imports ffcv, as the trainer does
+    import fastvit_reduce.data.loaders  # noqa: F401 — imports ffcv, as the trainer does
     print(f"{IMPORT_MARK}{time.perf_counter() - t0:.3f}", flush=True)
-    from fastvit_reduce import trainer
+    from fastvit_reduce import train
+    from fastvit_reduce.bench.timm_path import TimmSource
 
     factory = functools.partial(TimmSource, train_dir=train_dir, val_dir=val_dir) if path == "timm" else None
-    return trainer.main(train_argv, source_factory=factory)
+    return train.main(train_argv, source_factory=factory)
 
 
 def jit_cache_dir(args, out: Path, name: str) -> Path:
@@ -271,9 +118,7 @@ def run_children(path: str, jobs: list[tuple[list[str], Path]], args, cpu_sets: 
             cmd = [sys.executable, "-m", "fastvit_reduce.bench.e2e", "--child", path, "--train-dir",
                    args.train_dir, "--val-dir", args.val_dir, "--", *train_argv]
             log = open(run_dir.parent / f"{run_dir.name}.out", "w")
-            cores = cpu_sets[slot]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None)
+            proc = launch(cmd, cpus=cpu_sets[slot], stdout=log, stderr=subprocess.STDOUT, env=env)
             running[proc.pid] = (slot, k, run_dir, log, time.perf_counter())
         pid, status, usage = os.wait4(-1, 0)  # rusage of that child (and what it waited for)
         if pid not in running:
@@ -293,12 +138,12 @@ def child_row(path: str, run_dir: Path, log: str, rc: int, wall: float, cpu: flo
         if Path(log).is_file() else []
     if marks:
         row["ffcv_import_s"] = float(marks[-1][len(IMPORT_MARK):])
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
-        if (run_dir / "log.jsonl").is_file() else []
+    folder = RunFolder(run_dir)
+    rows = folder.read_rows()
     steady = [r["train_img_s"] for r in rows if r.get("epoch", 0) >= 1 and r.get("train_img_s")] or \
              [r["train_img_s"] for r in rows if r.get("train_img_s")]
     row["steady_img_s"] = statistics.mean(steady) if steady else None
-    final = json.loads((run_dir / "final.json").read_text()) if (run_dir / "final.json").is_file() else {}
+    final = folder.read_final() or {}
     row["startup_s"] = final.get("startup_s")  # the trainer's: process start -> ready to train
     row["data_wait_frac"] = final.get("data_wait_frac")
     row["top_1"] = final.get("final_top_1")
@@ -316,16 +161,10 @@ def write_betons(args) -> tuple[dict, float]:
     out.mkdir(parents=True, exist_ok=True)
     paths, start = {}, time.perf_counter()
     for split, folder in (("train", args.train_dir), ("val", args.val_dir)):
-        # the writer wants data_dir/<split>/<class>/...: point it at the parent of the given folder
-        folder = Path(folder).absolute()
-        link = out / "src" / split
-        link.parent.mkdir(exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(folder, target_is_directory=True)
+        folder = Path(folder).absolute()  # the writer reads data_dir/<split>/<class>/...
         paths[split] = str(out / f"{split}_{args.max_res}.beton")
         try:
-            write_split(str(link.parent), split, paths[split], max_resolution=args.max_res,
+            write_split(str(folder.parent), folder.name, paths[split], max_resolution=args.max_res,
                         num_workers=args.write_workers)
         except WriteError as e:
             raise UsageError(f"writing {split}: {e}") from None
@@ -493,10 +332,10 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
 
     Prints wall and CPU seconds of each whole sweep, each run's top-1, and ours' ratios."""
     stems = [Path(c).stem for c in args.sweep]
-    from fastvit_reduce.sweep import SweepError, split_cores
+    from fastvit_reduce.procs import split_cores
     try:
         cpu_sets = split_cores(args.cpu_slots, False) if args.cpu_slots > 1 else [[]]
-    except SweepError as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     slots = len(cpu_sets)
@@ -531,8 +370,7 @@ def run_sweeps(args, betons: dict, beton_s: float, out: Path, sets: dict) -> int
             wall = time.perf_counter() - start
             tops, jit = {}, {}
             for st in stems:
-                f = folder / st / "final.json"
-                final = json.loads(f.read_text()) if f.is_file() else {}
+                final = RunFolder(folder / st).read_final() or {}
                 tops[st], jit[st] = final.get("final_top_1"), final.get("jit_cache")
             results.append(dict(path=label, repeat=r, rc=max(x["rc"] for x in runs), wall_s=wall,
                                 cpu_s=sum(x["cpu_s"] for x in runs), top_1=tops,

@@ -11,7 +11,7 @@ EMA is on) are evaluated twice on the same validation photos:
   bicubic for ViTs, ``crop_pct``), as ``train.py`` validates.
 
 The difference in top-1 is what the evaluation pipeline alone moves the reported number, with
-training held fixed: one lever of issue 12's accuracy study that costs no training run. The
+training held fixed: a lever of the accuracy study that costs no training run. The
 class lists of the ``.beton`` and the folder must match (same names, same order).
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import statistics
 import sys
 from pathlib import Path
 
-
-class UsageError(ValueError):
-    """A bad command line, run folder or class list; one ``error:`` line, exit code 2."""
+from fastvit_reduce.config import UsageError
+from fastvit_reduce.runs import RunFolder, RunFolderError
+from fastvit_reduce.runtime import decode_threads
 
 
 def top1(model, batches) -> tuple[float, int]:
@@ -42,10 +42,13 @@ def top1(model, batches) -> tuple[float, int]:
 
 def read_config(run: Path) -> dict:
     """The resolved config a run folder's ``params.json`` records."""
-    params_path = run / "params.json"
-    if not params_path.is_file():
-        raise UsageError(f"{run}: no params.json (not a run folder)")
-    return json.loads(params_path.read_text())["config"]
+    try:
+        params = RunFolder(run).read_params()
+    except RunFolderError as e:
+        raise UsageError(str(e)) from None
+    if not isinstance(params, dict) or not isinstance(params.get("config"), dict):
+        raise UsageError(f"{run}: no params.json with a config (not a run folder)")
+    return params["config"]
 
 
 def load_run(run: Path, weights: str):
@@ -54,15 +57,14 @@ def load_run(run: Path, weights: str):
 
     from fastvit_reduce.checkpoint import CheckpointError, load
     from fastvit_reduce.models import model_from_cfg
+    from fastvit_reduce.recipe import needs_dynamic_size
 
     cfg = read_config(run)
     try:
-        state = load(run / "last.pt")
+        state = load(RunFolder(run).last_pt)
     except (CheckpointError, FileNotFoundError) as e:
         raise UsageError(f"{run}: {e}") from None
-    img, val_res = cfg["model.img_size"], cfg["validation.resolution"] or cfg["model.img_size"]
-    dynamic = {cfg["resolution.min_res"], cfg["resolution.max_res"], val_res} != {img}
-    model = model_from_cfg(cfg, dynamic_img_size=dynamic)
+    model = model_from_cfg(cfg, dynamic_img_size=needs_dynamic_size(cfg))
     if weights == "ema":
         if not state.get("ema"):
             raise UsageError(f"{run}: last.pt has no EMA weights (use --weights raw)")
@@ -76,8 +78,12 @@ def load_run(run: Path, weights: str):
 def check_classes(beton: str, val_dir: str) -> None:
     """Refuse a val folder whose class folders are not the ``.beton``'s classes (the writer's
     ``.classes.json``), in the same order: the labels would not match."""
-    names = Path(f"{beton}.classes.json")  # read here: importing ffcv before timm forks would hang
-    ours = json.loads(names.read_text()) if names.is_file() else None
+    from fastvit_reduce.config import ConfigError
+    from fastvit_reduce.data.betons import read_classes  # no ffcv: it must wait until timm's workers are done
+    try:
+        ours = read_classes(beton)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     theirs = sorted(p.name for p in Path(val_dir).iterdir() if p.is_dir())
     if ours is not None and ours != theirs:
         raise UsageError(f"{beton} holds classes {ours[:3]}... but {val_dir} has {theirs[:3]}...: "
@@ -88,10 +94,10 @@ def timm_top1(cfg: dict, model, data_cfg: dict, val_dir: str) -> tuple[float, in
     """The model's top-1 (%) and image count through timm's val loader on the ImageFolder."""
     import torch
 
-    from fastvit_reduce.bench.e2e import guard_posterize, timm_val_loader
+    from fastvit_reduce.bench.timm_path import guard_posterize, timm_val_loader
 
     guard_posterize()
-    loader = timm_val_loader(cfg, data_cfg, val_dir, workers(cfg), mean=tuple(data_cfg["mean"]),
+    loader = timm_val_loader(cfg, data_cfg, val_dir, decode_threads(cfg), mean=tuple(data_cfg["mean"]),
                              std=tuple(data_cfg["std"]), pin_memory=False, device=torch.device("cpu"),
                              distributed=False, use_prefetcher=True, persistent_workers=False)
     return top1(model, loader)
@@ -101,22 +107,16 @@ def ours_top1(cfg: dict, model, data_cfg: dict) -> tuple[float, int]:
     """The model's top-1 (%) and image count through the trainer's val loader on the run's ``.beton``."""
     from fastvit_reduce.augment.batch import normalize
     from fastvit_reduce.data.loaders import create_val_loader
+    from fastvit_reduce.recipe import val_res
 
-    loader = create_val_loader(cfg["data.val_dataset"], cfg["validation.batch_size"], "cpu",
-                               res=cfg["validation.resolution"] or cfg["model.img_size"],
+    loader = create_val_loader(cfg["data.val_dataset"], cfg["validation.batch_size"], "cpu", res=val_res(cfg),
                                crop_pct=cfg["data.crop_pct"] or data_cfg["crop_pct"],
-                               num_workers=workers(cfg), in_memory=True, distributed=False,
+                               num_workers=decode_threads(cfg), in_memory=True, distributed=False,
                                channels_last=False)
     try:
         return top1(model, ((normalize(x, data_cfg["mean"], data_cfg["std"]), y) for x, y in loader))
     finally:
         loader.close()
-
-
-def workers(cfg: dict) -> int:
-    """``data.num_workers``, 0 = this process's cores (the trainer's rule, without importing the
-    trainer: it imports ffcv, which must wait until timm's workers are done, see ``evaluate``)."""
-    return cfg["data.num_workers"] or len(os.sched_getaffinity(0))
 
 
 def evaluate(runs: list[Path], val_dir: str, weights: str) -> list[dict]:

@@ -4,7 +4,7 @@
     fastvit-reduce bench gpu --json                    # one JSON object
     fastvit-reduce bench gpu --device cpu --quick      # the same code paths at tiny sizes (tests)
 
-Six sections (issue 14):
+Six sections:
 
 1. train-loader img/s (``create_train_loader``, ``ToDevice``) on the device and on the CPU;
 2. bit-exact: the device loader's batches equal the CPU loader's, compared as they arrive (no
@@ -47,7 +47,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 # bf16 dense peak, TFLOP/s (vendor data sheets, SXM/PCIe as named); matched against the device name
@@ -113,6 +112,7 @@ def peak_tflops(device, given: float | None) -> float | None:
 def ffcv_jit(enabled: bool):
     """ffcv's numba compilation of loader pipelines on or off inside the block (ffcv's
     ``Compiler`` switch is process-wide; the previous setting is restored)."""
+    import fastvit_reduce.data.ffcv_patch  # noqa: F401 — before any ffcv module
     from ffcv.pipeline.compiler import Compiler
     before = Compiler.is_enabled
     Compiler.set_enabled(enabled)
@@ -124,25 +124,8 @@ def ffcv_jit(enabled: bool):
 
 def write_synthetic_beton(path: Path, n: int, size: int, num_classes: int) -> str:
     """``n`` JPEG images of ``size`` px whose colour and stripes depend on the class."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
-    rng = np.random.default_rng(0)
-    stripes = (np.arange(size) // 6) % 2 == 0
-    data = []
-    for i in range(n):
-        label = i % num_classes
-        img = rng.integers(0, 60, size=(size, size, 3), dtype=np.int32)
-        img[..., label % 3] += 150
-        if label // 3 % 2:
-            img[:, stripes] += 40
-        else:
-            img[stripes, :] += 40
-        data.append((np.clip(img, 0, 255).astype(np.uint8), label))
-    writer = DatasetWriter(str(path), {"image": RGBImageField(write_mode="jpg", max_resolution=size),
-                                       "label": IntField()}, num_workers=min(8, os.cpu_count() or 1))
-    writer.from_indexed_dataset(data)
-    return str(path)
+    from fastvit_reduce.data.synthetic import write_beton
+    return write_beton(path, n, num_classes, size, write_mode="jpg", num_workers=min(8, os.cpu_count() or 1))
 
 
 def train_loader(beton: str, device, args):

@@ -62,57 +62,23 @@ def scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str], list[str]
     return good, folder.classes, bad
 
 
-class _RGBFiles:
-    """Indexed dataset for ffcv's DatasetWriter: (HxWx3 uint8, label); files were checked."""
-
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB")), label
-
-
-def write_beton(samples, path: Path, max_res: int, workers: int) -> None:
-    """All images as JPEG (quality 90), long side <= ``max_res``, plus an int label."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
-    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_res, jpeg_quality=90),
-              "label": IntField()}
-    DatasetWriter(str(path), fields, num_workers=workers).from_indexed_dataset(_RGBFiles(samples))
+def write_beton(root: Path, path: Path, max_res: int, workers: int) -> None:
+    """The folder's images as JPEG (quality 90), long side <= ``max_res``: ``fastvit-reduce write``'s
+    writer (unreadable files skipped), so the loader reads what the product writes."""
+    from fastvit_reduce.data.write import write_split
+    write_split(str(root.parent), root.name, str(path), max_resolution=max_res, write_mode="jpg",
+                jpeg_quality=90, num_workers=workers)
 
 
 # ----------------------------------------------------------------------------- the variants
-def _safe_posterize(img, bits_to_keep, **_):
-    """timm's posterize with Pillow < 13's meaning for 0 bits (black) instead of its ValueError.
-
-    Why: with ``inc1`` and magnitude noise, timm 1.0.31 asks for ``bits=0``, which Pillow 13 rejects.
-    """
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
 def timm_randaugment(spec: str, res: int):
-    """timm's PIL RandAugment as ``create_transform`` builds it, with the posterize guard."""
+    """timm's PIL RandAugment as ``create_transform`` builds it, with the Pillow 13 posterize guard."""
     from timm.data.auto_augment import rand_augment_transform
 
-    ra = rand_augment_transform(spec, dict(translate_const=int(res * 0.45), img_mean=RANDAUG_FILL))
-    for op in ra.ops:
-        if op.name.startswith("Posterize"):
-            op.aug_fn = _safe_posterize
-    return ra
+    from fastvit_reduce.bench.timm_path import guard_posterize
+
+    guard_posterize()
+    return rand_augment_transform(spec, dict(translate_const=int(res * 0.45), img_mean=RANDAUG_FILL))
 
 
 def torchvision_loader(root: Path, samples, res, batch_size, workers, randaug: str = ""):
@@ -311,7 +277,7 @@ def bench(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="fvr-bench-") as tmp:
         beton = Path(tmp) / "bench.beton"
         start = time.perf_counter()
-        write_beton(samples, beton, args.max_res, args.workers)
+        write_beton(root, beton, args.max_res, args.workers)
         print(f"bench: wrote {len(samples)} images to a temporary .beton in "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
         # why this order: torchvision's DataLoader forks its workers at the first epoch; fork

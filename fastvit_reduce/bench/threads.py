@@ -9,7 +9,7 @@ child times forward + backward + AdamW on one fixed batch (``bench strategies``'
 with ``torch.set_num_threads`` = the cores this process may use, and, to mimic training, with
 ffcv-style decode threads busy beside it when ``--decode-threads`` > 0. The table shows the median
 step in ms and each policy's ratio to the unset default. Why this exists: train.py, the CLI and
-test.sh used to force ``PASSIVE``; issue 10 measured it slowing ViT-Ti's step 1.6x.
+``PASSIVE`` measured slowing ViT-Ti's step 1.6x (docs/results/speed.md).
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ What this module does instead:
   written (read-only, full disk) or read (damaged file) costs a warning and a compilation, never
   a run. Concurrent processes are safe: numba writes each file to a temporary name and renames it.
 
-Measured (README, speed section): the first process on a machine pays the compilation and
+Measured (docs/results/speed.md): the first process on a machine pays the compilation and
 writes the cache; every later one loads its pipelines in a fraction of a second.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ import warnings
 import weakref
 from pathlib import Path
 
+import fastvit_reduce.data.ffcv_patch  # noqa: F401,I001 — before any ffcv module
 import ffcv._libffcv
 import ffcv.libffcv
 import llvmlite.binding as llvm

@@ -18,7 +18,10 @@ import math
 
 import numpy as np
 import torch.distributed as dist
+import fastvit_reduce.data.ffcv_patch  # noqa: F401,I001 — before any ffcv module
 from ffcv.traversal_order.base import TraversalOrder
+
+from fastvit_reduce.recipe import repeat_aug_selected
 
 
 def _rank_and_world(loader, rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -60,13 +63,8 @@ class RepeatAugOrder(TraversalOrder):
         n = len(self.indices)
         if n == 0:
             raise ValueError("RepeatAugOrder needs a non-empty dataset")
-        # Same arithmetic as timm's RepeatAugSampler (selected_ratio = world size).
         self.num_samples = math.ceil(n * self.repeats / self.world_size)  # per rank, padded
-        if selected_round and n >= selected_round:
-            selected = (n // selected_round * selected_round) // self.world_size
-        else:
-            selected = math.ceil(n / self.world_size)
-        self.num_selected = min(selected, self.num_samples)  # per rank, per epoch
+        self.num_selected = repeat_aug_selected(n, self.world_size, self.repeats, selected_round)
 
     def sample_order(self, epoch: int) -> np.ndarray:
         """This rank's dataset indices for ``epoch`` (length ``num_selected``)."""

@@ -3,7 +3,7 @@
     fastvit-reduce write --cfg.data_dir=/data/imagenet --cfg.split=train \\
         --cfg.write_path=/data/ffcv/train_256_0.50_90.beton --cfg.max_resolution=256 \\
         --cfg.write_mode=proportion --cfg.compress_probability=0.5 --cfg.jpeg_quality=90
-    python -m fastvit_reduce.write ...        (same thing; scripts/write_imagenet.sh wraps both splits)
+    (scripts/write_imagenet.sh runs it for both splits)
 
 Output fields: ``image`` (ffcv RGBImageField) and ``label`` (IntField, the index of the sorted
 class-folder name: torchvision ImageFolder's indices, except that hidden folders are not classes).
@@ -44,31 +44,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from fastargs import Param, Section
 from PIL import Image
 
-from fastvit_reduce.config import Choice, ConfigError, Number, dump_json, load_config, resolved
-
-Section("cfg", "writing an ImageFolder split to a .beton").params(
-    data_dir=Param(str, "folder holding train/ and val/, each with one sub-folder per class", default=""),
-    split=Param(Choice("train", "val"), "which sub-folder of data_dir to write", default="train"),
-    write_path=Param(str, "output .beton file (its folder must exist)", default=""),
-    max_resolution=Param(Number(int, 1, 4096), "long side of the stored images, px "
-                         "(larger images are shrunk while decoding)", default=256),
-    write_mode=Param(Choice("jpg", "raw", "proportion", "smart"), "jpg: all JPEG; raw: all "
-                     "uint8 pixels; proportion: JPEG with probability compress_probability; smart: "
-                     "JPEG only when the raw pixels exceed smart_threshold bytes", default="proportion"),
-    compress_probability=Param(Number(float, 0, 1), "share of images stored as JPEG "
-                               "(write_mode=proportion)", default=0.5),
-    smart_threshold=Param(Number(int, 0), "bytes of raw pixels above which write_mode=smart "
-                          "stores JPEG (150528 = a 224x224 RGB image)", default=224 * 224 * 3),
-    jpeg_quality=Param(Number(int, 1, 100), "JPEG quality of stored images", default=90),
-    num_workers=Param(Number(int, 0), "writer processes (0 = one per CPU core)", default=0),
-    chunk_size=Param(Number(int, 1), "images a worker takes at a time", default=100),
-    subset=Param(Number(int, -1), "first N images of each class (-1 or 0 = all)", default=-1),
-    on_error=Param(Choice("skip", "raise"), "undecodable file: skip it and list it in the report, "
-                   "or stop the write", default="skip"),
-)
+from fastvit_reduce.config import ConfigError, dump_json, load_config, resolved
+from fastvit_reduce.settings import WRITE_SECTIONS
 
 # torchvision.datasets.folder.IMG_EXTENSIONS (matched case-insensitively, as torchvision does)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -475,6 +454,7 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
     Raises ``WriteError`` (nothing written, any previous ``write_path`` untouched) on bad input,
     on a bad file under ``on_error='raise'``, when no image decodes, or when writing fails.
     """
+    import fastvit_reduce.data.ffcv_patch  # noqa: F401 — before any ffcv module
     from ffcv.fields import IntField, RGBImageField
 
     if not write_path:
@@ -583,15 +563,15 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip() + "\n\nKeys (--cfg.KEY=VALUE):")
         from fastvit_reduce.config import declared_keys
-        for key, p in declared_keys(["cfg"]).items():
+        for key, p in declared_keys(WRITE_SECTIONS).items():
             print(f"  --{key:<26} {p.desc} (default {p.default!r})")
         return 0
     try:
-        load_config(argv, sections=["cfg"])
+        load_config(argv, sections=WRITE_SECTIONS)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = {k.split(".", 1)[1]: v for k, v in resolved(["cfg"]).items()}
+    settings = {k.split(".", 1)[1]: v for k, v in resolved(WRITE_SECTIONS).items()}
     args = {k: v for k, v in settings.items() if k not in ("data_dir", "split", "write_path")}
     old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

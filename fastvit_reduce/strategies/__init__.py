@@ -29,6 +29,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from fastvit_reduce.config import Checker
+from fastvit_reduce.settings import STRATEGY_KNOBS
 
 log = logging.getLogger("fastvit_reduce.strategies")
 
@@ -55,6 +56,11 @@ class Strategy:
     apply: Callable[..., nn.Module]
     knobs: dict[str, Knob]
     at_creation: bool = False
+
+
+def strategy_knobs(strategy: str) -> dict[str, Knob]:
+    """``strategy``'s knobs as declared in ``fastvit_reduce.settings.STRATEGY_KNOBS``."""
+    return {name: Knob(*spec) for name, spec in STRATEGY_KNOBS[strategy].items()}
 
 
 def check_knobs(strategy: str, knobs: dict[str, Knob], given: dict[str, object]) -> dict[str, object]:
@@ -147,4 +153,4 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 __all__ = ["STRATEGIES", "Strategy", "StrategyError", "Knob", "check_knobs", "round_width",
-           "vit_blocks", "timm_model", "param_count", "model_name", "apply_thin", "apply_shallow", "apply_grouped"]
+           "strategy_knobs", "vit_blocks", "timm_model", "param_count", "model_name", "apply_thin", "apply_shallow", "apply_grouped"]

@@ -15,15 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvit_reduce.config import Number
-from fastvit_reduce.strategies import (Knob, StrategyError, check_knobs, log, millions, model_name,
+from fastvit_reduce.strategies import (StrategyError, strategy_knobs, check_knobs, log, millions, model_name,
                                        param_count, vit_blocks)
 
-KNOBS = {
-    "scale": Knob(0.707, Number(float, 0, lo_open=True),
-                  "multiplier on the shared MLP's fc1.weight, fc1.bias, fc2.weight"),
-    "group_size": Knob(2, Number(int, 2), "consecutive blocks sharing one MLP (<= depth)"),
-}
+KNOBS = strategy_knobs("grouped")  # defaults and ranges: fastvit_reduce/settings.py
 
 
 @torch.no_grad()

@@ -11,16 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvit_reduce.config import Choice, Number
-from fastvit_reduce.strategies import (Knob, StrategyError, check_knobs, log, millions, model_name,
+from fastvit_reduce.strategies import (StrategyError, strategy_knobs, check_knobs, log, millions, model_name,
                                        param_count, round_width, vit_blocks)
 
-KNOBS = {
-    "keep_ratio": Knob(0.5, Number(float, 0, 1, lo_open=True), "fraction of MLP hidden units to keep"),
-    "prune_by": Knob("first", Choice("first", "magnitude"), "which hidden units to keep"),
-    "round_to": Knob(1, Number(int, 1),
-                     "round hidden widths to a multiple of this (1 = exact, 8 = tensor-core friendly)"),
-}
+KNOBS = strategy_knobs("shallow")  # defaults and ranges: fastvit_reduce/settings.py
 
 
 def _sliced_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:

@@ -8,15 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastvit_reduce.config import Number
-from fastvit_reduce.strategies import (Knob, StrategyError, check_knobs, log, millions, param_count,
+from fastvit_reduce.strategies import (StrategyError, strategy_knobs, check_knobs, log, millions, param_count,
                                        round_width, timm_model, vit_blocks)
 
-KNOBS = {
-    "mlp_ratio": Knob(2.0, Number(float, 0, lo_open=True), "MLP hidden width / embed dim (timm's ViTs use 4.0)"),
-    "round_to": Knob(1, Number(int, 1),
-                     "round hidden widths to a multiple of this (1 = exact, 8 = tensor-core friendly)"),
-}
+KNOBS = strategy_knobs("thin")  # defaults and ranges: fastvit_reduce/settings.py
 
 
 def apply_thin(name: str, mlp_ratio: float = 2.0, round_to: int = 1, **timm_kwargs) -> nn.Module:
