@@ -5,7 +5,8 @@ another device/dtype). Why the update is replaced: ``ModelEmaV3`` zips ``state_d
 which lists a tensor shared by two blocks once per block, so a grouped MLP is lerped twice per
 step (decay d**2 instead of d). Here the de-duplicated ``parameters()`` / ``buffers()`` lists
 are zipped instead; the EMA copy is a ``deepcopy``, which keeps the sharing, so both lists line
-up one to one.
+up one to one. ``shared_tensors="per_name"`` keeps timm's update (the seed's behaviour), for
+reproducing the paper's grouped numbers (``ema.shared_tensors``).
 """
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ class ModelEma(ModelEmaV3):
     (sharing preserved). Extra keyword arguments go to ``ModelEmaV3`` (e.g. ``use_warmup``).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9998, device: torch.device | None = None, **timm_kwargs):
+    def __init__(self, model: nn.Module, decay: float = 0.9998, device: torch.device | None = None,
+                 shared_tensors: str = "once", **timm_kwargs):
+        if shared_tensors not in ("once", "per_name"):
+            raise ValueError(f"shared_tensors must be once or per_name, got {shared_tensors!r}")
         super().__init__(unwrap(model), decay=decay, device=device, **timm_kwargs)
+        self.shared_tensors = shared_tensors
 
     def _pairs(self, model: nn.Module, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(EMA tensors, model tensors) of ``kind`` 'parameters' or 'buffers', each tensor once."""
@@ -44,6 +49,9 @@ class ModelEma(ModelEmaV3):
 
     def apply_update_(self, model: nn.Module, decay: float) -> None:
         """Lerp parameters and floating buffers toward ``model`` by ``1 - decay``; copy the rest."""
+        if self.shared_tensors == "per_name":  # timm's: every state_dict name, a shared tensor twice
+            super().apply_update_(unwrap(model), decay)
+            return
         ema, src = self._pairs(model, "parameters")
         for e, s in zip(*self._pairs(model, "buffers")):
             if e.is_floating_point():

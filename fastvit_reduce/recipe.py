@@ -1,6 +1,7 @@
 """The recipe's arithmetic: pure functions of the resolved config (no torch, no ffcv).
 
-Batch plan (per-GPU batch, accumulation, global batch, peak lr), the lr at any point of training,
+Batch plan (per-GPU batch, accumulation, global batch, peak lr), the lr of every update (timm's
+scheduler, reproduced as a function),
 the resolution schedule, batches per epoch, and the checks of resolutions against the model's
 patch size and the stored images. Each is a function of the config and of "where we are", so a
 resumed run computes exactly what an unbroken one would.
@@ -35,26 +36,84 @@ def batch_plan(cfg: dict, world: int) -> dict:
             "global_batch": want, "peak_lr": cfg["optim.lr"] * scale}
 
 
-def lr_at(progress: float, *, peak: float, epochs: int, warmup_epochs: float, warmup_lr: float,
-          min_lr: float, schedule: str = "cosine") -> float:
-    """Learning rate after ``progress`` epochs (a float: updates count as fractions of an epoch).
+def timm_cosine(t: float, *, base: float, t_initial: float, lr_min: float = 0.0, warmup_t: float = 0,
+                warmup_lr_init: float = 0.0, warmup_prefix: bool = False, cycle_mul: float = 1.0,
+                cycle_decay: float = 1.0, cycle_limit: int = 1, k_decay: float = 1.0) -> float:
+    """timm's ``CosineLRScheduler._get_lr(t)`` for one base lr, with timm's arithmetic step by step
+    (so the values are equal to the last bit): linear warm-up from ``warmup_lr_init`` over
+    ``warmup_t``, then cosine cycles of length ``t_initial`` (the warm-up counted inside the first
+    unless ``warmup_prefix``), ``lr_min`` after ``cycle_limit`` cycles."""
+    if t < warmup_t:
+        return warmup_lr_init + t * ((base - warmup_lr_init) / warmup_t)
+    if warmup_prefix:
+        t = t - warmup_t
+    if cycle_mul != 1:
+        i = math.floor(math.log(1 - t / t_initial * (1 - cycle_mul), cycle_mul))
+        t_i = cycle_mul ** i * t_initial
+        t_curr = t - (1 - cycle_mul ** i) / (1 - cycle_mul) * t_initial
+    else:
+        i = t // t_initial
+        t_i = t_initial
+        t_curr = t - (t_initial * i)
+    lr_max = base * cycle_decay ** i
+    if i < cycle_limit:
+        return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * t_curr ** k_decay / t_i ** k_decay))
+    return lr_min
 
-    Linear from ``warmup_lr`` to ``peak`` over ``warmup_epochs``, then cosine down to ``min_lr``
-    at ``epochs`` (or constant). Why not timm's scheduler object: a pure function of progress
-    needs no state of its own to survive a resume.
+
+def timm_constant(t: float, *, base: float, warmup_t: float = 0, warmup_lr_init: float = 0.0, **_) -> float:
+    """timm's ``sched='constant'`` (a ``StepLRScheduler`` with decay 1): warm-up, then ``base``."""
+    if t < warmup_t:
+        return warmup_lr_init + t * ((base - warmup_lr_init) / warmup_t)
+    return base * 1.0 ** (t // 1)
+
+
+def cosine_epochs(cfg: dict) -> float:
+    """timm's ``--epochs`` for this config: the first cosine cycle's length in epochs.
+    ``training.epochs`` counts every epoch trained: the cycles (``lr.cycle_limit``, each
+    ``lr.cycle_mul`` times the last), ``lr.cooldown_epochs`` and, with ``lr.warmup_prefix``, the warm-up."""
+    warmup = cfg["lr.warmup_epochs"] if cfg["lr.warmup_prefix"] else 0
+    span = cfg["training.epochs"] - cfg["lr.cooldown_epochs"] - warmup
+    mul, n = cfg["lr.cycle_mul"], cfg["lr.cycle_limit"]
+    first = span / (n if mul == 1 else (mul ** n - 1) / (mul - 1))
+    return int(first) if first == int(first) else first
+
+
+def check_schedule(cfg: dict) -> None:
+    """``ConfigError`` when the lr schedule leaves no epoch for the cosine, or its first cycle would
+    not be a whole number of epochs (timm's ``--epochs`` is an integer)."""
+    first = cosine_epochs(cfg)
+    if first <= 0 or first != int(first):
+        raise ConfigError(f"training.epochs={cfg['training.epochs']} minus lr.cooldown_epochs="
+                          f"{cfg['lr.cooldown_epochs']}" + (f" and the prefixed warm-up ({cfg['lr.warmup_epochs']})"
+                                                            if cfg["lr.warmup_prefix"] else "")
+                          + f" gives a first cosine cycle of {first:g} epochs over lr.cycle_limit="
+                          f"{cfg['lr.cycle_limit']} cycles (lr.cycle_mul={cfg['lr.cycle_mul']}); it must be a "
+                          "whole number of epochs > 0")
+
+
+def updates_per_epoch(batches: int, accum: int) -> int:
+    """Optimizer updates per epoch: a short last group at the epoch end is an update too (timm)."""
+    return (batches + accum - 1) // accum
+
+
+def lr_at(cfg: dict, peak: float, epoch: int, update: int, per_epoch: int) -> float:
+    """The lr of update ``update`` (0-based, within ``epoch``) when an epoch has ``per_epoch`` updates.
+
+    timm's ``train.py`` semantics: the scheduler is ``create_scheduler_v2``'s, stepped once per
+    epoch (``lr.step_on=epoch``: the whole epoch at ``f(epoch)``, t in epochs) or after every update
+    (``lr.step_on=update``, its ``--sched-on-updates``: update u of the run at ``f(u)``, t in updates).
+    ``cosine_epochs`` converts ``training.epochs`` (every epoch trained) into timm's ``--epochs``.
+    A pure function of where we are, so a resumed run gets exactly the lr of an unbroken one.
     """
-    if progress < warmup_epochs:
-        return warmup_lr + (peak - warmup_lr) * progress / warmup_epochs
-    if schedule == "constant" or epochs <= warmup_epochs:
-        return peak
-    t = min(1.0, (progress - warmup_epochs) / (epochs - warmup_epochs))
-    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * t))
-
-
-def lr_of(cfg: dict, peak: float, progress: float) -> float:
-    """``lr_at`` with the ``lr.*`` and ``training.epochs`` keys of ``cfg``."""
-    return lr_at(progress, peak=peak, epochs=cfg["training.epochs"], warmup_epochs=cfg["lr.warmup_epochs"],
-                 warmup_lr=cfg["lr.warmup_lr"], min_lr=cfg["lr.min_lr"], schedule=cfg["lr.schedule"])
+    scale = 1 if cfg["lr.step_on"] == "epoch" else per_epoch
+    t = epoch if cfg["lr.step_on"] == "epoch" else epoch * per_epoch + update
+    shape = timm_cosine if cfg["lr.schedule"] == "cosine" else timm_constant
+    return shape(t, base=peak, t_initial=cosine_epochs(cfg) * scale, lr_min=cfg["lr.min_lr"],
+                 warmup_t=cfg["lr.warmup_epochs"] * scale,
+                 warmup_lr_init=cfg["lr.warmup_lr"], warmup_prefix=bool(cfg["lr.warmup_prefix"]),
+                 cycle_mul=cfg["lr.cycle_mul"], cycle_decay=cfg["lr.cycle_decay"],
+                 cycle_limit=cfg["lr.cycle_limit"], k_decay=cfg["lr.k_decay"])
 
 
 # ----------------------------------------------------------------------------- resolutions

@@ -27,7 +27,8 @@ from fastvit_reduce import runs
 
 # CSV columns, in order; the Markdown table shows a readable subset (MD_COLUMNS).
 CSV_COLUMNS = ["experiment", "strategy", "knobs", "params", "mlp_params", "gflops", "img_size",
-               "epochs", "epochs_done", "top_1", "headline", "best_top_1", "final_top_1",
+               "epochs", "epochs_done", "top_1", "headline", "best_top_1", "best_epoch", "peak_to_final",
+               "final_top_1",
                "raw_best_top_1", "raw_final_top_1", "best_ema_top_1", "final_ema_top_1",
                "total_time_s", "train_img_s", "data_wait_frac", "exit_reason", "weights_hash",
                "paired_with", "status", "run_dir", "log"]
@@ -96,6 +97,11 @@ def load_run(run_dir: str | Path) -> dict:
                    final_top_1=head[-1] if head else None, best_ema_top_1=max(ema, default=None),
                    final_ema_top_1=ema[-1] if ema else None,
                    total_time_s=sum(r.get("epoch_time_s") or 0 for r in log))
+    peak = max((r for r in log if r.get("eval_top1") is not None), key=lambda r: r["eval_top1"], default=None)
+    if peak is not None:  # the paper's "Peak Epoch" and "Δ(P→F)" beside its Top-1 (the peak)
+        row["best_epoch"] = peak["epoch"]
+        if row["final_top_1"] is not None:
+            row["peak_to_final"] = round(peak["eval_top1"] - row["final_top_1"], 3)
     row["status"] = "done" if final.get("completed") else (final.get("exit_reason") or "incomplete")
     if row["status"] == "running":
         row["status"] = "incomplete"
@@ -177,7 +183,9 @@ MD_COLUMNS = [  # (header, function of a row)
     ("params", lambda r: _params(r["params"])),
     ("GFLOPs/img", lambda r: _num(r["gflops"], "#.3g")),
     ("top-1 %", lambda r: _num(r["top_1"], ".1f") + (" (EMA)" if r["headline"] == "ema" else "")),
-    ("best top-1 %", lambda r: _num(r["best_top_1"], ".1f")),
+    ("peak top-1 %", lambda r: _num(r["best_top_1"], ".1f")),
+    ("peak epoch", lambda r: _num(r["best_epoch"], "d")),
+    ("Δ(P→F)", lambda r: _num(r["peak_to_final"], ".1f")),
     ("raw top-1 %", lambda r: _num(r["raw_final_top_1"], ".1f")),
     ("epochs", lambda r: _epochs(r)),
     ("wall time", lambda r: _duration(r["total_time_s"])),

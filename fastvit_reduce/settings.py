@@ -96,8 +96,9 @@ Section("augment", "on-device batch augmentation (defaults: the DeiT recipe)").p
     remode=Param(Choice("pixel", "rand", "const"), "random erasing fill: per-pixel noise, "
                  "per-box colour, or zeros", default="pixel"),
     recount=Param(Number(int, 1), "max erased boxes per image", default=1),
-    erase_order=Param(Choice("before_mix", "after_mix"), "random erasing per image before "
-                      "mixup/cutmix or on the mixed batch", default="before_mix"),
+    erase_order=Param(Choice("after_mix", "before_mix"), "random erasing on the mixed batch (timm "
+                      "train.py's default prefetcher path, the seed's command) or per image before "
+                      "mixup/cutmix (timm's --no-prefetcher)", default="after_mix"),
     aug_repeats=Param(Number(int, 1), "repeated augmentation: copies of each image per epoch "
                       "(read by the train loader's order); 1 = off", default=3),
 )
@@ -153,11 +154,22 @@ Section("optim", "AdamW (torch; fused kernel when the device supports it)").para
     eps=Param(Number(float, 0, lo_open=True), "AdamW eps", default=1e-8),
     fused=Param(Bool01(), "use torch's fused AdamW (falls back to foreach if unsupported)", default=1),
 )
-Section("lr", "per-update schedule: linear warm-up, then cosine").params(
-    schedule=Param(Choice("cosine", "constant"), "shape after warm-up", default="cosine"),
-    warmup_epochs=Param(Number(float, 0), "epochs of linear warm-up from warmup_lr", default=5.0),
-    warmup_lr=Param(Number(float, 0), "learning rate at the first update", default=1e-5),
-    min_lr=Param(Number(float, 0), "learning rate at the end of the cosine", default=0.0),
+Section("lr", "timm's schedule (create_scheduler_v2 as train.py drives it): warm-up, then cosine").params(
+    schedule=Param(Choice("cosine", "constant"), "shape after warm-up (timm --sched)", default="cosine"),
+    step_on=Param(Choice("epoch", "update"), "epoch: one lr per epoch, stepped after each epoch (timm "
+                  "train.py's default); update: stepped after every update (its --sched-on-updates)",
+                  default="epoch"),
+    warmup_epochs=Param(Number(float, 0), "epochs of linear warm-up from warmup_lr (--warmup-epochs)", default=5.0),
+    warmup_lr=Param(Number(float, 0), "lr at the start of the warm-up (--warmup-lr)", default=1e-5),
+    min_lr=Param(Number(float, 0), "lr at the end of the cosine (--min-lr)", default=0.0),
+    warmup_prefix=Param(Bool01(), "1: the warm-up comes before the cosine instead of inside it "
+                        "(--warmup-prefix)", default=0),
+    cooldown_epochs=Param(Number(int, 0), "last epochs at min_lr after the cosine (--cooldown-epochs; "
+                          "training.epochs counts them)", default=0),
+    cycle_mul=Param(Number(float, 0, lo_open=True), "cosine cycle length multiplier (--lr-cycle-mul)", default=1.0),
+    cycle_decay=Param(Number(float, 0), "peak lr factor per cosine cycle (--lr-cycle-decay)", default=0.5),
+    cycle_limit=Param(Number(int, 1), "cosine cycles (--lr-cycle-limit)", default=1),
+    k_decay=Param(Number(float, 0, lo_open=True), "k-decay exponent of the cosine (--lr-k-decay)", default=1.0),
     scale=Param(Choice("none", "linear", "sqrt"), "peak = optim.lr x (global batch / base_batch) "
                 "(linear, DeiT's rule) or its square root; none = optim.lr as given", default="none"),
     base_batch=Param(Number(int, 1), "global batch at which optim.lr applies (lr.scale != none)",
@@ -167,6 +179,9 @@ Section("ema", "exponential moving average of the weights (sharing-safe)").param
     decay=Param(Number(float, 0, 1, hi_open=True), "EMA decay per EMA update (0 = no EMA)", default=0.0),
     every=Param(Number(int, 1), "optimizer updates between EMA updates", default=1),
     eval=Param(Bool01(), "evaluate the EMA model; its top-1 is then the headline, as in timm", default=1),
+    shared_tensors=Param(Choice("once", "per_name"), "once: a tensor shared by blocks (grouped) moves once "
+                         "per update; per_name: once per state_dict name, i.e. decay**2 for shared tensors "
+                         "(timm's ModelEmaV3, the seed's behaviour)", default="once"),
 )
 Section("validation", "top-1/top-5 on data.val_dataset").params(
     batch_size=Param(Number(int, 1), "images per process", default=256),

@@ -20,7 +20,6 @@ written. docs/training.md has the whole story (global batch, resuming, paired ru
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -29,7 +28,8 @@ from pathlib import Path
 
 from .config import ConfigError, declared_keys, load, parse_argv, resolved
 from .data.betons import check_beton, check_datasets, label_range, read_classes, stored_size, verify_beton
-from .recipe import batch_plan, batches_per_epoch, resolution_warnings, train_resolutions, val_res
+from .recipe import (batch_plan, batches_per_epoch, check_schedule, lr_at, resolution_warnings, train_resolutions,
+                     updates_per_epoch, val_res)
 from .runs import RunFolder, RunFolderError, check_experiment_name, config_changes
 from .settings import PER_VARIANT, SECTIONS, SHARED_MODEL_KEYS
 
@@ -182,7 +182,7 @@ def print_plan(cfgs: list[dict], names: list[str], world: int) -> None:
         n = check_beton(cfg["data.train_dataset"]) if cfg["data.train_dataset"] else None
     except ConfigError:
         n = None
-    upe = math.ceil(batches_per_epoch(cfg, world, n) / p["accum"]) if n else None
+    upe = updates_per_epoch(batches_per_epoch(cfg, world, n), p["accum"]) if n else None
     store = stored_size(cfg["data.train_dataset"]) if n else None
     plans = []
     for c, name in zip(cfgs, names):
@@ -199,13 +199,19 @@ def print_plan(cfgs: list[dict], names: list[str], world: int) -> None:
                       "ema_decay": c["ema.decay"], "randaugment": c["augment.randaugment"],
                       "mixup": c["augment.mixup"], "cutmix": c["augment.cutmix"], "reprob": c["augment.reprob"],
                       "aug_repeats": c["augment.aug_repeats"], "amp": c["training.amp"],
+                      "erase_order": c["augment.erase_order"], "lr_step_on": c["lr.step_on"],
+                      # the lr of the first update of epochs 0..6 (per update: needs the dataset's length)
+                      "lr_by_epoch": [lr_at(c, vp["peak_lr"], e, 0, upe or 1) for e in range(7)]
+                      if upe or c["lr.step_on"] == "epoch" else None,
                       "knobs": {f"reduction.{k}": c[f"reduction.{k}"]
                                 for k in getattr(STRATEGIES.get(c["reduction.strategy"]), "knobs", {})}})
     keys = ["world", "per_gpu_batch", "accum", "global_batch", "peak_lr", "updates_per_epoch", "epochs",
-            "train_images", "stored_long_side_px", "train_res_px", "val_res_px", "strategy", "params"]
+            "train_images", "stored_long_side_px", "train_res_px", "val_res_px", "strategy", "params",
+            "erase_order", "lr_step_on", "lr_by_epoch"]
     width = max(map(len, keys))
     print(f"{'':{width}}  " + "  ".join(f"{pl['experiment']:>16}" for pl in plans))
-    cell = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    cell = lambda v: ",".join(f"{x:.3g}" if isinstance(x, float) else str(x) for x in v) \
+        if isinstance(v, list) else str(v)  # noqa: E731
     for k in keys:
         print(f"{k:{width}}  " + "  ".join(f"{cell(pl[k]):>16}" for pl in plans))
     print("plan (JSON):")
@@ -297,6 +303,7 @@ def main(argv: list[str], source_factory=None) -> int:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
         for c in cfgs:
             batch_plan(c, world)
+            check_schedule(c)
         if args.dry_run:
             print_plan(cfgs, names, world)
             return EXIT_OK

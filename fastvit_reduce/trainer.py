@@ -37,7 +37,7 @@ from .config import ConfigError
 from .data.ahead import Ahead, InPlace
 from .ema import ModelEma
 from .models import gflops, mlp_stats, model_from_cfg
-from .recipe import batch_plan, check_resolutions, lr_of, needs_dynamic_size, train_res
+from .recipe import batch_plan, check_resolutions, lr_at, needs_dynamic_size, train_res, updates_per_epoch
 from .runs import RunFolder, tensor_hash
 from .runtime import (AMP_DTYPES, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, Dist, Preempted, StopSignal,
                       available_cores, decode_threads, log, peak_mem_mb, set_numerics)
@@ -63,7 +63,8 @@ class Variant:
                     if d.world > 1 else None)
         wrapped = self.ddp or self.model
         self.train_model = torch.compile(wrapped) if cfg["training.compile"] else wrapped
-        self.ema = ModelEma(self.model, cfg["ema.decay"]) if cfg["ema.decay"] > 0 else None
+        self.ema = (ModelEma(self.model, cfg["ema.decay"], shared_tensors=cfg["ema.shared_tensors"])
+                    if cfg["ema.decay"] > 0 else None)
         # counters (device tensors: read by the host every logging.every_steps updates)
         dev = d.device
         self.updates, self.best, self.rows, self.elapsed_before = 0, None, [], 0.0
@@ -109,9 +110,9 @@ class Variant:
                 log.info(f"fused AdamW unavailable here ({e}); using foreach")
         return create_optimizer_v2(self.model, "adamw", foreach=True, **kwargs)
 
-    def lr(self, progress: float) -> float:
-        """The lr after ``progress`` epochs (``recipe.lr_of``)."""
-        return lr_of(self.cfg, self.plan["peak_lr"], progress)
+    def lr(self, epoch: int, update: int, per_epoch: int) -> float:
+        """The lr of update ``update`` of ``epoch`` (``recipe.lr_at``: timm's schedule)."""
+        return lr_at(self.cfg, self.plan["peak_lr"], epoch, update, per_epoch)
 
     def reset_epoch_sums(self, carry: dict | None = None) -> None:
         dev = self.d.device
@@ -295,6 +296,7 @@ class Trainer:
         """One epoch (or its rest after a mid-epoch resume): for each batch, each variant steps."""
         cfg, d = self.cfg, self.d
         accum, n = self.plan["accum"], len(self.source)
+        per_epoch = updates_per_epoch(n, accum)
         skip, self.skip = self.skip, 0
         s = {"wait_s": 0.0, "images": 0, "wall_s": 0.0, **(self.epoch_stats if skip else {})}
         if not skip:
@@ -336,7 +338,7 @@ class Trainer:
                     torch.manual_seed(derive(cfg["training.seed"], "model", epoch, i, d.rank))
                     v.micro_step(x, y, update=update, group=group)
                     if update:
-                        v.optimizer_step(v.lr(epoch + (i + 1) / n))
+                        v.optimizer_step(v.lr(epoch, i // accum, per_epoch))
                 del x, y
                 s["images"] += cfg["training.batch_size"]
                 bar.update(1)

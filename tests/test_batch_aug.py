@@ -138,10 +138,11 @@ def test_threads_give_the_sequential_results():
         assert torch.equal(got[s][0], want[s][0]) and torch.equal(got[s][1], want[s][1]), s
 
 
-def test_erasing_happens_before_mixing():
-    """timm's order: erase each normalised image, then mix. Rebuilt from the parts with the same
-    seed (torch generator for erasing, numpy Generator for mixup)."""
-    aug = BatchAugment(C, MEAN, STD, mixup=1.0, cutmix=0.0, reprob=1.0, remode="const")
+def test_erase_order_before_mix_erases_each_image_then_mixes():
+    """``erase_order=before_mix`` (timm's --no-prefetcher order): erase each normalised image,
+    then mix. Rebuilt from the parts with the same seed (torch generator for erasing, numpy
+    Generator for mixup)."""
+    aug = BatchAugment(C, MEAN, STD, mixup=1.0, cutmix=0.0, reprob=1.0, remode="const", erase_order="before_mix")
     images, labels = batch(6, size=40)
     x, t = aug(images, labels, seed=9)
     erased = aug.erasing(normalize(images, MEAN, STD), torch.Generator().manual_seed(9))
@@ -150,17 +151,16 @@ def test_erasing_happens_before_mixing():
     assert erased.eq(0).all(1).flatten(1).any(1).all()  # every image had a box before mixing
 
 
-def test_erase_order_after_mix_erases_the_mixed_batch():
-    """``erase_order=after_mix`` (the order before issue 12, kept for the accuracy-lever study):
-    mix first, then erase the mixed images, from the same seeded draws."""
-    aug = BatchAugment(C, MEAN, STD, mixup=1.0, cutmix=0.0, reprob=1.0, remode="const",
-                       erase_order="after_mix")
+def test_erase_order_after_mix_is_the_default_and_erases_the_mixed_batch():
+    """``erase_order=after_mix`` (the default: timm's prefetcher, the seed's command): mix first,
+    then erase the mixed images, from the same seeded draws."""
+    aug = BatchAugment(C, MEAN, STD, mixup=1.0, cutmix=0.0, reprob=1.0, remode="const")
     images, labels = batch(6, size=40)
     x, t = aug(images, labels, seed=9)
     mixed, want_t = aug.mixup.mix(normalize(images, MEAN, STD), labels, np.random.default_rng(9))
     want_x = aug.erasing(mixed, torch.Generator().manual_seed(9))
     assert torch.equal(x, want_x) and torch.equal(t, want_t)
-    before = BatchAugment(C, MEAN, STD, mixup=1.0, cutmix=0.0, reprob=1.0, remode="const")
+    before = BatchAugment(C, MEAN, STD, mixup=1.0, cutmix=0.0, reprob=1.0, remode="const", erase_order="before_mix")
     assert not torch.equal(before(images, labels, seed=9)[0], x)
     with pytest.raises(ValueError, match="erase_order"):
         BatchAugment(C, MEAN, STD, erase_order="sometimes")

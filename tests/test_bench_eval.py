@@ -25,7 +25,7 @@ resolution: {{min_res: 32, max_res: 32, step: 8}}
 model: {{arch: test_vit, num_classes: 4, img_size: 32, patch_size: 8}}
 augment: {{randaugment: '', mixup: 0, cutmix: 0, reprob: 0, aug_repeats: 1}}
 training: {{epochs: 1, batch_size: 8, global_batch: 0, amp: 'off', device: cpu, channels_last: 0}}
-lr: {{warmup_epochs: 0.25}}
+lr: {{warmup_epochs: 0.25, step_on: update}}
 ema: {{decay: 0.9}}
 validation: {{batch_size: 16}}
 logging: {{folder: {runs}, experiment: tiny, progress: 0}}

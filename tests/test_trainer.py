@@ -273,14 +273,19 @@ def test_resolutions_must_be_multiples_of_the_patch_size():
         check_resolutions({**cfg, "validation.resolution": 36}, 8)
 
 
-def test_lr_schedule_warms_up_then_follows_the_cosine():
-    kw = dict(peak=1e-3, epochs=10, warmup_epochs=2, warmup_lr=1e-5, min_lr=1e-6)
-    assert lr_at(0, **kw) == 1e-5 and lr_at(2, **kw) == pytest.approx(1e-3)
-    assert lr_at(1, **kw) == pytest.approx((1e-5 + 1e-3) / 2)
-    assert lr_at(6, **kw) == pytest.approx((1e-3 + 1e-6) / 2) and lr_at(10, **kw) == pytest.approx(1e-6)
-    steps = [lr_at(2 + 8 * i / 100, **kw) for i in range(101)]
+def test_lr_schedule_per_epoch_and_per_update():
+    """timm's semantics (tests/test_timm_parity.py checks them against timm's scheduler itself)."""
+    cfg = {"training.epochs": 10, "lr.step_on": "epoch", "lr.schedule": "cosine", "lr.warmup_epochs": 2,
+           "lr.warmup_lr": 1e-5, "lr.min_lr": 1e-6, "lr.warmup_prefix": 0, "lr.cooldown_epochs": 0,
+           "lr.cycle_mul": 1.0, "lr.cycle_decay": 0.5, "lr.cycle_limit": 1, "lr.k_decay": 1.0}
+    assert lr_at(cfg, 1e-3, 0, 0, 4) == lr_at(cfg, 1e-3, 0, 3, 4) == 1e-5  # the whole epoch 0
+    assert lr_at(cfg, 1e-3, 1, 0, 4) == pytest.approx((1e-5 + 1e-3) / 2)
+    assert lr_at(cfg, 1e-3, 5, 2, 4) == pytest.approx((1e-3 + 1e-6) / 2)  # the cosine counts the warm-up
+    upd = {**cfg, "lr.step_on": "update"}
+    assert lr_at(upd, 1e-3, 0, 0, 4) == 1e-5 and lr_at(upd, 1e-3, 0, 2, 4) == pytest.approx(1e-5 + 2 * (1e-3 - 1e-5) / 8)
+    steps = [lr_at(upd, 1e-3, e, u, 4) for e in range(2, 10) for u in range(4)]
     assert all(a >= b for a, b in zip(steps, steps[1:]))
-    assert lr_at(7, **{**kw, "warmup_epochs": 0}, schedule="constant") == 1e-3
+    assert lr_at({**cfg, "lr.schedule": "constant", "lr.warmup_epochs": 0}, 1e-3, 7, 0, 4) == 1e-3
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

@@ -1,19 +1,20 @@
-"""Train-time batch augmentation on the device: RandAugment → normalise → erasing → Mixup/CutMix.
+"""Train-time batch augmentation on the device: RandAugment → normalise → Mixup/CutMix → erasing.
 
 The loader hands over uint8 (B, 3, H, W) batches already on the device (ffcv has neither
 RandAugment nor a place for per-image PIL work); this module turns them into the model's input
-and targets, in the order timm's ``train.py`` uses (its PrefetchLoader normalises and erases each
-image, then the train loop mixes the batch):
+and targets in the order of timm's ``train.py`` with its default prefetcher, which is what the
+seed's command runs: ``FastCollateMixup`` mixes the batch in the collate function, then
+``PrefetchLoader`` normalises it and applies ``RandomErasing`` to the mixed batch:
 
 1. ``BatchRandAugment`` on the uint8 images (timm's PIL RandAugment semantics, batched);
 2. ``normalize`` with the model's mean/std (float32; the cast to the AMP dtype comes last);
-3. ``BatchRandomErasing``: timm's ``RandomErasing`` per image on the normalised batch (its
-   'pixel'/'rand' modes draw normal noise, which is meant for normalised data). Before mixing,
-   as timm does. Erasing after mixing (``augment.erase_order=after_mix``, this module's order
-   before issue 12, kept for the accuracy-lever study) cuts boxes out of both mixed images at
-   once and leaves them unmixed;
-4. ``SeededMixup``: timm ``Mixup`` (mixup / cutmix, switch prob, mode, label smoothing) → soft
-   targets.
+3. ``SeededMixup``: timm ``Mixup`` (mixup / cutmix, switch prob, mode, label smoothing) → soft
+   targets;
+4. ``BatchRandomErasing``: timm's ``RandomErasing`` per image on the normalised, mixed batch (its
+   'pixel'/'rand' modes draw normal noise, which is meant for normalised data), so an erased box
+   is noise in the mixed image (``augment.erase_order=after_mix``, the default).
+   ``erase_order=before_mix`` erases each image before mixing instead, as timm does with
+   ``--no-prefetcher`` (erasing in the per-image transform, ``Mixup`` in the train loop).
 
 Randomness: every call is a pure function of its integer ``seed`` (the trainer passes
 ``seeding.derive(seed, epoch, step)``). RandAugment and erasing draw on the batch's device from a
@@ -241,7 +242,7 @@ class BatchAugment:
                  randaugment: str = "", mixup: float = 0.0, cutmix: float = 0.0,
                  mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
                  mixup_mode: str = "batch", label_smoothing: float = 0.1, reprob: float = 0.0,
-                 remode: str = "pixel", recount: int = 1, erase_order: str = "before_mix",
+                 remode: str = "pixel", recount: int = 1, erase_order: str = "after_mix",
                  device="cpu",
                  dtype: torch.dtype = torch.float32):
         if num_classes < 1:
@@ -311,7 +312,7 @@ class BatchAugment:
         mean_t, std_t = self._stats(images_uint8.device)
         x = (images_uint8.float() - mean_t) / std_t  # as normalize(), with cached constants
         if self.erasing is not None and not self.erase_after_mix:
-            x = self.erasing(x, generator)  # per image, before mixing (timm's order)
+            x = self.erasing(x, generator)  # per image, before mixing (timm's --no-prefetcher order)
         targets = labels
         if self.mixup is not None and len(x):
             x, targets = self._mix(x, labels, np.random.default_rng(int(seed)))

@@ -7,10 +7,12 @@ with PIL transforms in worker processes (``create_transform``: RandomResizedCrop
 is on), ``FastCollateMixup`` as the collate function and the prefetcher's normalise +
 ``RandomErasing`` on the mixed batch (erasing after mixing, as the seed's command does); without
 the prefetcher, erasing in the per-image transform and ``Mixup`` on the batch
-(``--no-prefetcher``). Repeated augmentation goes through ``RepeatAugSampler``, which timm only
-builds in distributed mode: with ``augment.aug_repeats`` > 1 the process joins a one-process gloo
-group, as ``torchrun --nproc-per-node=1 train.py`` would. Eval: the model's interpolation and
-``crop_pct``. ``guard_posterize`` keeps timm's PIL RandAugment working with Pillow 13.
+(``--no-prefetcher``). Repeated augmentation goes through ``RepeatAugSampler``, which timm's
+``create_loader`` only builds in distributed mode (and timm's ``train.py`` refuses it below two
+processes): with ``augment.aug_repeats`` > 1 the process joins a one-process gloo group, which
+gives timm's sampler with one replica, the copies of an image in one batch, as our single-process
+order does. Eval: the model's interpolation and ``crop_pct``. ``guard_posterize`` keeps timm's
+PIL RandAugment working with Pillow 13.
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ class TimmSource:
         distributed = dist.is_available() and dist.is_initialized()
         if repeats and not distributed:
             # why: timm's create_loader builds RepeatAugSampler only when distributed (it asserts
-            # otherwise); a one-process group is what `torchrun --nproc-per-node=1 train.py` gives.
+            # otherwise); a one-process group gives its sampler with one replica
             store = Path(tempfile.mkdtemp(prefix="e2e_gloo_")) / "store"
             dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
             distributed = True
