@@ -28,7 +28,15 @@ class ModelEma(ModelEmaV3):
                  shared_tensors: str = "once", **timm_kwargs):
         if shared_tensors not in ("once", "per_name"):
             raise ValueError(f"shared_tensors must be once or per_name, got {shared_tensors!r}")
-        super().__init__(unwrap(model), decay=decay, device=device, **timm_kwargs)
+        model = unwrap(model)
+        if device is not None:
+            # why: timm turns foreach off when device != the parameters' device, and
+            # torch.device("cuda") != torch.device("cuda", 0); the same device by another name
+            # must not cost the one-kernel update
+            device, here = torch.device(device), next(model.parameters()).device
+            if device.type == here.type and device.index is None:
+                device = here
+        super().__init__(model, decay=decay, device=device, **timm_kwargs)
         self.shared_tensors = shared_tensors
 
     def _pairs(self, model: nn.Module, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

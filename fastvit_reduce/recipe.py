@@ -175,6 +175,19 @@ def check_resolutions(cfg: dict, patch_size) -> None:
                           f"must be multiples of it: {', '.join(bad)}")
 
 
+def check_determinism(cfg: dict, device_type: str) -> None:
+    """``ConfigError`` for ``training.deterministic=1`` on CUDA with a resolution that resamples the
+    position embedding: timm resizes it with bicubic interpolation, whose CUDA backward has no
+    deterministic kernel (torch would raise at the first backward)."""
+    if cfg["training.deterministic"] and device_type == "cuda" and needs_dynamic_size(cfg):
+        raise ConfigError(
+            "training.deterministic=1 on CUDA cannot train at a resolution other than model.img_size "
+            f"({cfg['model.img_size']} px; train {sorted(train_resolutions(cfg))}, val {val_res(cfg)}): timm "
+            "resamples the position embedding bicubically, and that backward has no deterministic CUDA "
+            "kernel; train at model.img_size only (resolution.min_res = max_res = validation.resolution) "
+            "or set training.deterministic=0")
+
+
 def resolution_warnings(cfg: dict, crop_pct: float, train_store: dict | None,
                         val_store: dict | None) -> list[str]:
     """Where a stored image is smaller than what the crops need (so crops are upsampled);

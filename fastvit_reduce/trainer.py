@@ -34,10 +34,11 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import runstate
 from .config import ConfigError
-from .data.ahead import Ahead, InPlace
+from .data.ahead import Ahead, InPlace, hand_over
 from .ema import ModelEma
 from .models import gflops, mlp_stats, model_from_cfg
-from .recipe import batch_plan, check_resolutions, lr_at, needs_dynamic_size, train_res, updates_per_epoch
+from .recipe import (batch_plan, check_determinism, check_resolutions, lr_at, needs_dynamic_size, train_res,
+                     train_resolutions, updates_per_epoch)
 from .runs import RunFolder, tensor_hash
 from .runtime import (AMP_DTYPES, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, Dist, Preempted, StopSignal,
                       available_cores, decode_threads, log, peak_mem_mb, set_numerics)
@@ -45,6 +46,17 @@ from .seeding import derive
 
 
 # ----------------------------------------------------------------------------- one variant
+def compiled(model: nn.Module, resolutions: int) -> nn.Module:
+    """``torch.compile(model)`` that never falls back to eager without a word: Dynamo may compile
+    once per train resolution (progressive resizing) plus slack, and hitting that limit is an error
+    (Dynamo's default is to run the frame eagerly from then on, silently)."""
+    import torch._dynamo.config as dynamo
+    dynamo.recompile_limit = max(dynamo.recompile_limit, resolutions + 2)
+    dynamo.fail_on_recompile_limit_hit = True
+    return torch.compile(model)
+
+
+
 class Variant:
     """Everything one model of a (paired) run owns: model, optimizer, scaler, EMA, DDP/compile
     wrappers, run folder and log rows."""
@@ -62,7 +74,7 @@ class Variant:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
                     if d.world > 1 else None)
         wrapped = self.ddp or self.model
-        self.train_model = torch.compile(wrapped) if cfg["training.compile"] else wrapped
+        self.train_model = compiled(wrapped, len(train_resolutions(cfg))) if cfg["training.compile"] else wrapped
         self.ema = (ModelEma(self.model, cfg["ema.decay"], shared_tensors=cfg["ema.shared_tensors"])
                     if cfg["ema.decay"] > 0 else None)
         # counters (device tensors: read by the host every logging.every_steps updates)
@@ -77,6 +89,7 @@ class Variant:
     def build_model(self) -> nn.Module:
         """timm ViT + strategy on the device; records its size and timm's mean/std/crop_pct."""
         cfg, img = self.cfg, self.cfg["model.img_size"]
+        check_determinism(cfg, self.d.device.type)
         dynamic = needs_dynamic_size(cfg)
         # same seed for every variant: those built from the full model start from the same
         # weights before their surgery; thin draws its own widths from the same stream
@@ -141,34 +154,47 @@ class Variant:
         # activations gone
 
     def optimizer_step(self, lr: float) -> None:
-        """Apply one update unless a loss of the group was non-finite on any rank.
+        """One update from the group's gradients, skipped when a loss of the group was non-finite on
+        any rank: the weights and AdamW's state stay as they were. Skipped or not, the update is
+        counted and the EMA updated, as timm's train.py does when its GradScaler skips a step.
 
-        Where the optimizer can skip on the device (fused AdamW takes a ``found_inf`` tensor),
-        nothing is read back to the host; otherwise (CPU, foreach) the host checks the flag."""
-        bad = self.d.all_max_(self.group_bad.clone())
+        No host read on the paths a GPU runs: fused AdamW skips on the device (its ``found_inf``),
+        and under fp16 the GradScaler's own ``found_inf``, which a non-finite loss reaches through
+        one poisoned gradient. Only foreach AdamW (``optim.fused=0``, the CPU demo) asks the host."""
+        bad = self.d.all_max_(self.group_bad.clone()) > 0  # () bool on the device
         self.group_bad.zero_()
-        self.consecutive_bad.copy_(torch.where(bad > 0, self.consecutive_bad + 1, torch.zeros_like(bad)))
+        self.consecutive_bad.copy_(torch.where(bad, self.consecutive_bad + 1, torch.zeros_like(self.consecutive_bad)))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.lr_sum, self.lr_n = self.lr_sum + lr, self.lr_n + 1
-        on_device = self.d.device.type == "cuda" and self.fused and not self.scaler.is_enabled()
-        if not on_device and bad.item() > 0:
-            self.optimizer.zero_grad(set_to_none=True)  # skip: gradients are poisoned
-            self.updates += 1
-            return
-        if self.cfg["training.clip_grad"] > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["training.clip_grad"])
-        if on_device:  # why: torch's fused AdamW skips the step on the device when found_inf is 1
-            self.optimizer.found_inf = (bad > 0).float()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if on_device:
-            del self.optimizer.found_inf
+        if self.fused or not bad.item():
+            self.apply_update(bad)
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         if self.ema is not None and self.updates % self.cfg["ema.every"] == 0:
             self.ema.update(self.model, step=self.updates)
+
+    def apply_update(self, bad: torch.Tensor) -> None:
+        """The optimizer (and GradScaler) step; fused AdamW skips it on the device when ``bad``."""
+        clip, scaler, opt = self.cfg["training.clip_grad"], self.scaler, self.optimizer
+        if scaler.is_enabled():
+            if self.fused:  # the scaler's found_inf then covers a non-finite loss too
+                g = next(p.grad for p in self.model.parameters() if p.grad is not None)
+                g.add_(torch.where(bad, float("nan"), 0.0).to(g.dtype))
+            if clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            scaler.step(opt)  # fused: grad_scale and found_inf go to the kernel, no host read
+            scaler.update()
+            return
+        if clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.fused:
+            opt.found_inf = bad.float()  # torch's fused AdamW skips the step where found_inf is 1
+            opt.step()
+            del opt.found_inf
+        else:
+            opt.step()
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -319,11 +345,7 @@ class Trainer:
                 except StopIteration:
                     raise RuntimeError(f"the train loader ended after {i} of {n} batches") from None
                 s["wait_s"] += time.monotonic() - t0
-                if ready is not None:
-                    main_stream = torch.cuda.current_stream(d.device)
-                    main_stream.wait_event(ready)
-                    for t in (x, y):  # allocated on the side stream, used on this one
-                        t.record_stream(main_stream)
+                hand_over(x, y, ready)
                 if self.variants[0].first_batch_hash is None and epoch == 0 and i == 0:
                     h = tensor_hash(x, y)
                     for v in self.variants:

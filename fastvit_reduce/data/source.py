@@ -19,6 +19,7 @@ from ..recipe import train_res, val_res
 from ..config import ConfigError
 from ..runtime import decode_threads
 from ..seeding import derive
+from .ahead import on_stream
 from .loaders import Turns, create_train_loader, create_val_loader, set_epoch, set_train_resolution
 
 
@@ -113,25 +114,33 @@ class FfcvSource:
             loader.close()
 
     def epoch(self, epoch: int, skip: int = 0):
-        """(x, targets) for the steps ``skip``.. of ``epoch``; x normalised, in the AMP dtype."""
-        cfg, d = self.cfg, self.d
+        """(x, targets, ready) for the steps ``skip``.. of ``epoch``; x normalised, in the AMP dtype.
+
+        CUDA: the augmentation runs on a side stream and ``ready`` is an event on it; the consumer
+        makes its own stream wait for it (``hand_over``). The side stream is current only while a
+        batch is prepared, never across a ``yield``: with ``training.overlap=decode|none`` this
+        generator runs in the stepping thread, whose model step, evaluation, EMA and checkpoints
+        must stay on their own stream."""
+        cfg, d, side = self.cfg, self.d, self.side_stream
         set_train_resolution(self.loader, train_res(cfg, epoch))
         set_epoch(self.loader, epoch)  # the order, crops and flips of this epoch
-        stream = torch.cuda.stream(self.side_stream) if self.side_stream else contextlib.nullcontext()
-        with stream, self.held():  # with turns: held while the consumer steps on each batch
-            for i, (images, labels) in enumerate(self.loader):
+        with self.held():  # with turns: held while the consumer steps on each batch
+            with on_stream(side):  # ffcv's iterator waits for its copies on the stream current here
+                batches = iter(self.loader)
+            for i, (images, labels) in enumerate(batches):
                 if i < skip:  # resumed mid-epoch: these steps were trained before the stop
                     continue
-                # why clone: ffcv reuses its output buffers (batches_ahead + 2 slots) and this batch
-                # is used one step later; the images are copied by the augmentation anyway
-                labels = labels.clone()
-                x, y = self.augment(images, labels, seed=derive(cfg["training.seed"], "augment", epoch, i, d.rank))
-                if cfg["training.channels_last"]:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                ready = None
-                if self.side_stream is not None:  # the model's stream waits for this batch only
-                    ready = torch.cuda.Event()
-                    ready.record(self.side_stream)
+                with on_stream(side):
+                    # why clone: ffcv reuses its output buffers (batches_ahead + 2 slots) and this batch
+                    # is used one step later; the images are copied by the augmentation anyway
+                    labels = labels.clone()
+                    x, y = self.augment(images, labels, seed=derive(cfg["training.seed"], "augment", epoch, i, d.rank))
+                    if cfg["training.channels_last"]:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    ready = None
+                    if side is not None:  # the model's stream waits for this batch only
+                        ready = torch.cuda.Event()
+                        ready.record(side)
                 yield x, y, ready
 
     def val(self):
