@@ -10,7 +10,8 @@
     fastvit-reduce sweep    --paired CONFIG...                          K variants, one process, same batches
     fastvit-reduce report   RUN_DIR...                                  sweep summary table/plot
     fastvit-reduce compare  RUN_A RUN_B                                 same weights? first differing epoch
-    fastvit-reduce bench    e2e|gpu|threads ...                         vs timm's pipeline / GPU check / OpenMP
+    fastvit-reduce bench    e2e|threads ...                             vs timm's pipeline / OpenMP
+    fastvit-reduce bench    gpu --out DIR [--device cpu] [--table]      the GPU check (JSON lines per section)
     fastvit-reduce bench    eval RUN_DIR... --val-dir D                 same weights, our vs timm's val pipeline
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ COMMANDS = {
     "bench loader": "fastvit_reduce.bench.loader",
     "bench strategies": "fastvit_reduce.bench.strategies",
     "bench e2e": "fastvit_reduce.bench.e2e",
-    "bench gpu": "fastvit_reduce.bench.gpu",
+    "bench gpu": "fastvit_reduce.bench.gpu_check",
     "bench threads": "fastvit_reduce.bench.threads",
     "bench eval": "fastvit_reduce.bench.evalpaths",
     "train": "fastvit_reduce.train",
