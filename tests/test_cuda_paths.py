@@ -265,3 +265,34 @@ def test_the_ema_keeps_foreach_when_given_its_own_device_by_another_name():
     model = torch.nn.Linear(3, 3)
     assert ModelEma(model, device="cpu").foreach and ModelEma(model).foreach
     assert Path(trainer_mod.__file__).name == "trainer.py"
+
+
+def test_another_numba_without_the_cache_internals_compiles_uncached_with_one_warning(tmp_path):
+    """The box's numba may differ: the cache's private imports failing must cost one warning,
+    never an ImportError (a planted failing import stands in for a numba that moved them)."""
+    import subprocess
+    import sys
+    from conftest import write_beton
+    beton = write_beton(tmp_path / "d.beton", n=16, size=24, write_mode="jpg")
+    code = f"""
+import sys, warnings
+import numba.core.caching
+del numba.core.caching._SourceFileBackedLocatorMixin  # a numba that moved one of the private classes
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    from fastvit_reduce.data import jit
+    from fastvit_reduce.data.loaders import create_train_loader, set_epoch
+    loader = create_train_loader({beton!r}, 8, "cpu", res=16, num_workers=1, in_memory=True, batches_ahead=1,
+                                 drop_last=True, order="random", aug_repeats=1, seed=0, distributed=False,
+                                 rrc_scale=(0.08, 1.0), rrc_ratio=(0.75, 4 / 3), hflip=True)
+    set_epoch(loader, 0)
+    n = sum(len(x) for x, _ in loader)
+    loader.close()
+mine = [str(w.message) for w in caught if "cache internals" in str(w.message)]
+print(n, jit.MISSING is not None, len(mine), jit.stats())
+"""
+    env = dict(__import__("os").environ, FASTVIT_REDUCE_JIT_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[:3] == ["16", "True", "1"], r.stdout
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.nbi"))

@@ -49,9 +49,29 @@ import numba
 import numpy as np
 from ffcv.pipeline.compiler import Compiler
 from numba import types as nbtypes
-from numba.core.caching import (CompileResultCacheImpl, FunctionCache, _CacheLocator,
-                                _SourceFileBackedLocatorMixin)
-from numba.core.dispatcher import Dispatcher
+
+try:  # numba's cache classes are private: another numba may move them
+    from numba.core.caching import (CompileResultCacheImpl, FunctionCache, _CacheLocator,
+                                    _SourceFileBackedLocatorMixin)
+    from numba.core.dispatcher import Dispatcher
+    MISSING = None
+except ImportError as _e:  # then pipelines compile uncached, with one warning (cached_compilation)
+    MISSING = f"numba {numba.__version__} lacks the cache internals this cache uses ({_e})"
+
+    class CompileResultCacheImpl:  # stand-ins, so the classes below still define; never used
+        pass
+
+    class FunctionCache:
+        pass
+
+    class _CacheLocator:
+        pass
+
+    class _SourceFileBackedLocatorMixin:
+        pass
+
+    class Dispatcher:
+        pass
 
 CACHE_ENV = "FASTVIT_REDUCE_JIT_CACHE"
 OFF = ("0", "off", "none", "false")
@@ -298,6 +318,9 @@ def cached_compilation():
     """
     root = cache_root()
     original = Compiler.__dict__["compile"]
+    if root is not None and MISSING:
+        _warn_once(f"{MISSING}; ffcv's pipelines are compiled without the on-disk cache")
+        root = None
     if root is None or not Compiler.is_enabled or getattr(original.__func__, "cached", False):
         yield  # off, or already active (Loader.__init__ calls generate_code)
         return
