@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -129,54 +130,41 @@ def main() -> int:
     step("numba", numba_info)
 
     # --- what the bundle carries
+    def carried_import(name, *more):
+        """Import ``name`` (and ``more``) and require it to come from the bundle."""
+        module = importlib.import_module(name)
+        for extra in more:
+            importlib.import_module(extra)
+        rec[f"{name}_file"] = module.__file__
+        if not carried(module):
+            raise RuntimeError(f"{name} imported from {module.__file__}, not from the bundle")
+        return module
+
     def ffcv_info():
         try:  # the project's way in: every module of ours that uses ffcv imports this first
-            import fastvit_reduce.data.ffcv_patch  # noqa: F401
+            importlib.import_module("fastvit_reduce.data.ffcv_patch")
         except Exception:  # noqa: BLE001, S110 — reported by the fastvit_reduce step below
             pass
-        import ffcv
-        import ffcv._libffcv  # the compiled part, with its grafted OpenCV/turbojpeg
-        import ffcv.pipeline.graph  # `from distutils.log import warn`
-        rec["ffcv_file"] = ffcv.__file__
-        if not carried(ffcv):
-            raise RuntimeError(f"ffcv imported from {ffcv.__file__}, not from the bundle")
-        return True
+        # the compiled part (with its grafted OpenCV/turbojpeg), and graph's `from distutils.log import warn`
+        return carried_import("ffcv", "ffcv._libffcv", "ffcv.pipeline.graph") is not None
     rec["ffcv_ok"] = step("ffcv", ffcv_info) is True
-
-    def fastargs_info():
-        import fastargs
-        rec["fastargs_file"] = fastargs.__file__
-        if not carried(fastargs):
-            raise RuntimeError(f"fastargs imported from {fastargs.__file__}, not from the bundle")
-        return True
-    rec["fastargs_ok"] = step("fastargs", fastargs_info) is True
+    rec["fastargs_ok"] = step("fastargs", lambda: carried_import("fastargs") is not None) is True
 
     def timm_info():
-        import timm
+        timm = carried_import("timm")
         from timm.utils import ModelEmaV3
         rec["timm"] = timm.__version__
-        rec["timm_file"] = timm.__file__
         expected = want.get("timm", {}).get("version")
         if expected and timm.__version__ != expected:
             raise RuntimeError(f"timm {timm.__version__} imported, the bundle carries {expected}")
-        if not carried(timm):
-            raise RuntimeError(f"timm imported from {timm.__file__}, not from the bundle")
         lacks = [m for m in ("_foreach_lerp_", "_lerp_") if not hasattr(ModelEmaV3, m)]
         if lacks:  # both new in timm 1.0.31
             raise RuntimeError(f"timm.utils.ModelEmaV3 has no {lacks} (fastvit_reduce/ema.py calls them)")
         return True
     rec["timm_ok"] = step("timm", timm_info) is True
-
-    def ours():
-        import fastvit_reduce
-        import fastvit_reduce.data.jit  # numba internals, at import
-        import fastvit_reduce.data.loaders  # ffcv's loader, the way the trainer imports it
-        import fastvit_reduce.ema
-        rec["fastvit_reduce_file"] = fastvit_reduce.__file__
-        if not carried(fastvit_reduce):
-            raise RuntimeError(f"fastvit_reduce imported from {fastvit_reduce.__file__}, not from the bundle")
-        return True
-    rec["fastvit_reduce_ok"] = step("fastvit_reduce", ours) is True
+    # the numba internals data.jit imports, ffcv's loader as the trainer imports it, the EMA
+    rec["fastvit_reduce_ok"] = step("fastvit_reduce", lambda: carried_import(
+        "fastvit_reduce", "fastvit_reduce.data.jit", "fastvit_reduce.data.loaders", "fastvit_reduce.ema") is not None) is True
 
     rec["errors"] = errors
     rec["ok"] = not errors
