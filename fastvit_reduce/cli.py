@@ -12,6 +12,7 @@
     fastvit-reduce compare  RUN_A RUN_B                                 same weights? first differing epoch
     fastvit-reduce bench    e2e|gpu|threads ...                         vs timm's pipeline / GPU check / OpenMP
     fastvit-reduce bench    eval RUN_DIR... --val-dir D                 same weights, our vs timm's val pipeline
+    fastvit-reduce bench    parity --train-dir D/train --val-dir D/val  top-1 vs timm's train.py, per seed
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ COMMANDS = {
     "bench gpu": "fastvit_reduce.bench.gpu",
     "bench threads": "fastvit_reduce.bench.threads",
     "bench eval": "fastvit_reduce.bench.evalpaths",
+    "bench parity": "fastvit_reduce.bench.parity",
     "train": "fastvit_reduce.train",
     "sweep": "fastvit_reduce.sweep",
     "report": "fastvit_reduce.report",
