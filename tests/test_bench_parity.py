@@ -1,5 +1,6 @@
 """bench parity: the recipe as timm train.py's flags, the timm data path (b) against what train.py
-builds from those flags, and the whole bench on a tiny sample folder (without timm's train.py).
+builds from those flags, and the whole bench on a tiny sample folder (with a stand-in for timm's
+train.py, which the suite does not have).
 
 train.py is in no timm wheel: these tests parse the flags with a stand-in of its argparse (the flags
 and defaults of timm v1.0.22's train.py, the seed's). With ``FASTVIT_REDUCE_TIMM_TRAIN=PATH/train.py``
@@ -319,32 +320,66 @@ def test_scores_and_paired_differences():
 
 
 # ----------------------------------------------------------------------------- the whole command
-def test_bench_runs_end_to_end_without_timm_train(folder, tmp_path, capsys):
-    """(b), (c) and one lever (d) for 2 seeds x 1 epoch, interleaved seed by seed; then --resume
-    reads every run back instead of training again."""
+FAKE_TRAIN_PY = """\
+# a stand-in for timm's train.py: what bench parity passes, and a summary.csv as train.py writes it
+import argparse, json, os, sys
+from timm.data import auto_augment
+p = argparse.ArgumentParser()
+for flag in ("--output", "--experiment"):
+    p.add_argument(flag)
+p.add_argument("--epochs", type=int)
+p.add_argument("--seed", type=int)
+args, _ = p.parse_known_args()
+out = os.path.join(args.output, args.experiment)
+os.makedirs(out)
+with open(os.path.join(out, "summary.csv"), "w") as f:
+    f.write("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\\n")
+    for e in range(args.epochs):
+        f.write(f"{e},2.0,1.9,{40 + args.seed}.0,90.0,1e-05\\n")
+open(os.path.join(out, "last.pth.tar"), "w").close()
+seen = {"argv": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS"), "has_path": "PATH" in os.environ,
+        "guarded": getattr(auto_augment.posterize, "guarded", False)}
+json.dump(seen, open(os.path.join(args.output, "seen.json"), "w"))
+"""
+
+
+def test_bench_runs_end_to_end(folder, tmp_path, capsys):
+    """(a) through a stand-in of timm's train.py, then (b), (c) and one lever (d), for 2 seeds x
+    1 epoch, interleaved seed by seed; then the bench without --timm-train, with --resume."""
+    fake = tmp_path / "train.py"
+    fake.write_text(FAKE_TRAIN_PY)
     argv = ["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"), "--seeds", "1,2",
             "--epochs", "1", "--store-res", "96", "--workers", "1", "--out", str(tmp_path / "out"), "--json",
-            "--lever", "augment.erase_order=before_mix",
+            "--lever", "augment.erase_order=before_mix", "--timm-train", str(fake),
             *[a for k, v in TINY.items() if k != "model.num_classes" for a in ("--set", f"{k}={v}")]]
     rc = main(argv)
     out = json.loads(capsys.readouterr().out)
     assert rc == 0, [(r["path"], r["log"]) for r in out["runs"] if r["rc"]]
     lever = "(d) augment.erase_order=before_mix"
-    assert out["labels"] == [OURS_TIMM_DATA, OURS, lever] and out["num_classes"] == CLASSES
+    assert out["labels"] == [TIMM, OURS_TIMM_DATA, OURS, lever] and out["num_classes"] == CLASSES
     assert [(r["seed"], r["path"]) for r in out["runs"]] == [(s, p) for s in (1, 2) for p in out["labels"]]
     for r in out["runs"]:
         assert 0 <= r["final"] <= 100 and r["peak"] >= r["final"] and r["epochs"] == 1 and r["wall_s"] > 0, r
-        assert not list(Path(r["folder"]).glob("*.pt"))  # checkpoints deleted once read
-    assert [d["name"] for d in out["summary"]["differences"]] == ["(c)-(b)", "(d)-(c)"]
+        assert not [*Path(r["folder"]).glob("*.pt"), *Path(r["folder"]).glob("*.pth.tar")]  # deleted once read
+    assert [r["final"] for r in out["runs"] if r["path"] == TIMM] == [41.0, 42.0]  # summary.csv read back
+    seen = json.loads((tmp_path / "out" / "seed2" / "seen.json").read_text())
+    assert seen["omp"] == "1" and seen["has_path"] and seen["guarded"]  # the environment, and the guard
+    flags = seen["argv"]
+    assert flags[flags.index("--seed") + 1] == "2" and flags[flags.index("--model") + 1] == "test_vit"
+    assert flags[flags.index("--val-split") + 1] == "val" and flags[flags.index("--num-classes") + 1] == "3"
+    assert [d["name"] for d in out["summary"]["differences"]] == ["(b)-(a)", "(c)-(b)", "(c)-(a)", "(d)-(c)"]
     assert all(d["final"]["n"] == 2 for d in out["summary"]["differences"])
-    assert out["timm_train"] is None and out["summary"]["lr_check"] is None
+    assert out["summary"]["lr_check"]["first_difference"] is None  # epoch 0 at warmup_lr on both sides
     assert (tmp_path / "out" / "parity.json").is_file()
     assert "(c)-(b) data path" in (tmp_path / "out" / "parity.txt").read_text()
-    # the same command with --resume: nothing trains again, the scores are read back
-    assert main([*argv, "--resume"]) == 0
+    # without --timm-train and with --resume: (a) is left out, and (b), (c), (d) are read back, not trained again
+    i = argv.index("--timm-train")
+    assert main([*argv[:i], *argv[i + 2:], "--resume"]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert all(r["resumed"] for r in again["runs"])
-    assert [r["final"] for r in again["runs"]] == [r["final"] for r in out["runs"]]
+    assert again["labels"] == [OURS_TIMM_DATA, OURS, lever] and again["timm_train"] is None
+    assert all(r["resumed"] for r in again["runs"]) and again["summary"]["lr_check"] is None
+    assert [r["final"] for r in again["runs"]] == [r["final"] for r in out["runs"] if r["path"] != TIMM]
+    assert [d["name"] for d in again["summary"]["differences"]] == ["(c)-(b)", "(d)-(c)"]
 
 
 def test_class_folders_must_agree(folder, tmp_path, capsys):

@@ -248,7 +248,7 @@ def run_one(args, path: str, label: str, seed: int, cmd_or_argv: list[str], run_
         done.unlink(missing_ok=True)
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: timm would make name-1, ours would resume
         if path == "timm":
-            rc, wall, cpu = run_logged(cmd_or_argv, row["log"], env=env)
+            rc, wall, cpu = run_logged(cmd_or_argv, row["log"], env={**os.environ, **env})
         else:
             child = run_children("ours" if path == "ours" else "timm", [(cmd_or_argv, run_dir)], args, [[]],
                                  jit_dir=Path(args.out) / "jit_cache", env_extra=env)[0]
