@@ -117,7 +117,7 @@ def test_timm_flags_follow_the_recipe_table():
         flags, key = re.findall(r"`(--[a-z0-9-]+)`", cells[0]), cells[2].strip("`")
         if flags and "." in key:
             rows += 1
-            assert TIMM_FLAG.get(key) in flags, f"docs/recipe.md maps {key} to {flags}; bench parity to {TIMM_FLAG.get(key)}"
+            assert TIMM_FLAG.get(key) in flags, f"docs/recipe.md: {key} is {flags}; bench parity: {TIMM_FLAG.get(key)}"
     assert rows >= 40
 
 
@@ -190,7 +190,8 @@ def train_py_loaders(args, train_dir: Path, val_dir: Path):
     prefetcher = not args.no_prefetcher
     collate_fn = None
     if (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None) and prefetcher:
-        collate_fn = FastCollateMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+        collate_fn = FastCollateMixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                                      cutmix_minmax=args.cutmix_minmax,
                                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                                       label_smoothing=args.smoothing, num_classes=args.num_classes)
     common = dict(mean=data_config["mean"], std=data_config["std"], pin_memory=args.pin_mem, img_dtype=torch.float32,
@@ -252,7 +253,8 @@ def test_timm_data_path_is_train_pys_augmentation(folder):
     # erasing in the prefetcher (after the collate's mix), not in the per-image transform
     erase = ours.random_erasing
     assert isinstance(erase, RandomErasing) and vars(erase) == vars(ref_train.random_erasing)
-    assert (erase.probability, erase.mode, erase.min_count, erase.max_count, erase.num_splits) == (0.25, "pixel", 1, 1, 0)
+    assert (erase.probability, erase.mode, erase.min_count, erase.max_count, erase.num_splits) == \
+        (0.25, "pixel", 1, 1, 0)
     assert torch.equal(ours.mean, ref_train.mean) and torch.equal(ours.std, ref_train.std)
     # per image: crop, flip, RandAugment, to tensor (uint8: the prefetcher normalises)
     steps = src.dataset.transform.transforms

@@ -95,7 +95,8 @@ def timm_flags(cfg: dict, device: str, workers: int) -> list[str]:
     need(not cfg["model.pretrained_file"], "model.pretrained_file: the protocol trains from scratch")
     need(cfg["resolution.min_res"] == cfg["resolution.max_res"] == cfg["model.img_size"],
          "resolution.min_res = resolution.max_res = model.img_size: timm trains at --img-size, no progressive resizing")
-    need(cfg["validation.resolution"] in (0, cfg["model.img_size"]), "validation.resolution: timm evaluates at --img-size")
+    need(cfg["validation.resolution"] in (0, cfg["model.img_size"]),
+         "validation.resolution: timm evaluates at --img-size")
     need(cfg["validation.every_n_epochs"] == 1, "validation.every_n_epochs=1: timm evaluates after every epoch")
     need(cfg["augment.aug_repeats"] == 1, "augment.aug_repeats=1: timm's train.py refuses --aug-repeats in one "
          "process (its RepeatAugSampler needs WORLD_SIZE > 1); use a --lever for repeats")
@@ -165,7 +166,8 @@ def timm_flags(cfg: dict, device: str, workers: int) -> list[str]:
     if cfg["data.crop_pct"]:
         put("data.crop_pct", cfg["data.crop_pct"])
     if cfg["training.amp"] != "off":
-        flags += [TIMM_FLAG["training.amp"], "--amp-dtype", {"fp16": "float16", "bf16": "bfloat16"}[cfg["training.amp"]]]
+        dtype = {"fp16": "float16", "bf16": "bfloat16"}[cfg["training.amp"]]
+        flags += [TIMM_FLAG["training.amp"], "--amp-dtype", dtype]
     if cfg["training.channels_last"]:
         flags.append(TIMM_FLAG["training.channels_last"])
     if cfg["training.compile"]:
