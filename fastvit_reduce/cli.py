@@ -13,6 +13,7 @@
     fastvit-reduce bench    e2e|threads ...                             vs timm's pipeline / OpenMP
     fastvit-reduce bench    gpu --out DIR [--device cpu] [--table]      the GPU check (JSON lines per section)
     fastvit-reduce bench    eval RUN_DIR... --val-dir D                 same weights, our vs timm's val pipeline
+    fastvit-reduce bench    parity --train-dir D/train --val-dir D/val  top-1 vs timm's train.py, per seed
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ COMMANDS = {
     "bench gpu": "fastvit_reduce.bench.gpu_check",
     "bench threads": "fastvit_reduce.bench.threads",
     "bench eval": "fastvit_reduce.bench.evalpaths",
+    "bench parity": "fastvit_reduce.bench.parity",
     "train": "fastvit_reduce.train",
     "sweep": "fastvit_reduce.sweep",
     "report": "fastvit_reduce.report",

@@ -2,7 +2,8 @@
 
 ``split_cores(N)`` cuts this process's cores into N disjoint sets; ``launch(cmd, cpus=...)`` starts
 a child in its own session, pinned to a set, with ``PR_SET_PDEATHSIG`` so a kill -9 of the parent
-does not leave it running (a sweep re-run would otherwise race it for the same run folder).
+does not leave it running (a sweep re-run would otherwise race it for the same run folder);
+``run_logged`` runs one such child to its end with its output in a file, and times it.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from fastvit_reduce.config import UsageError
 
@@ -40,6 +43,19 @@ def launch(cmd: list[str], cpus: list[int] | None = None, **popen_kwargs) -> sub
             if os.getppid() != parent:  # the sweep died before prctl took effect
                 os.kill(os.getpid(), signal.SIGTERM)
     return subprocess.Popen(cmd, start_new_session=True, preexec_fn=preexec, **popen_kwargs)
+
+
+def run_logged(cmd: list[str], log: str | Path, cpus: list[int] | None = None,
+               env: dict | None = None) -> tuple[int, float, float]:
+    """Run ``cmd`` (``launch``ed) to its end, stdout and stderr into the file ``log``; return its exit
+    code, wall seconds and CPU seconds (``rusage`` of it and the children it waited for, such as
+    DataLoader workers)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = launch(cmd, cpus=cpus, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
+    return proc.returncode, time.perf_counter() - start, usage.ru_utime + usage.ru_stime
 
 
 def split_cores(slots: int, gpus: bool) -> list[list[int]]:

@@ -102,11 +102,12 @@ def prime_jit_cache(args, out: Path, train_argv: list[str], cores: list[int]) ->
 
 
 def run_children(path: str, jobs: list[tuple[list[str], Path]], args, cpu_sets: list[list[int]],
-                 jit_dir: Path | None = None) -> list[dict]:
+                 jit_dir: Path | None = None, env_extra: dict | None = None) -> list[dict]:
     """Run ``path``'s children (trainer argv, run folder), ``len(cpu_sets)`` at a time, each pinned
-    to its core set (``[]``: not pinned), with ``jit_dir`` as their numba cache; return their rows
-    in order, each with its own wall time and CPU seconds (``rusage``)."""
-    env = os.environ.copy()
+    to its core set (``[]``: not pinned), with ``jit_dir`` as their numba cache and ``env_extra``
+    in their environment; return their rows in order, each with its own wall time and CPU seconds
+    (``rusage``). ``args``: ``train_dir`` and ``val_dir`` (the timm path's ImageFolders)."""
+    env = {**os.environ, **(env_extra or {})}
     if jit_dir is not None:
         env["FASTVIT_REDUCE_JIT_CACHE"] = str(jit_dir)
     pending, running, rows = list(enumerate(jobs)), {}, {}
@@ -153,19 +154,21 @@ def child_row(path: str, run_dir: Path, log: str, rc: int, wall: float, cpu: flo
 
 
 # ----------------------------------------------------------------------------- the benchmark
-def write_betons(args) -> tuple[dict, float]:
-    """Write train/val ``.beton`` files into ``--beton-dir``; return their paths and the seconds taken."""
+def write_betons(train_dir: str, val_dir: str, out_dir: str | Path, max_res: int,
+                 workers: int = 0) -> tuple[dict, float]:
+    """Write ``train_dir`` and ``val_dir`` (ImageFolder splits) to ``out_dir/{train,val}_<max_res>.beton``
+    (long side stored at ``max_res`` px, ``workers`` writer processes, 0 = one per core); return
+    ``({"train": path, "val": path}, seconds)``. ``UsageError`` names a split that cannot be written."""
     from fastvit_reduce.data.write import WriteError, write_split
 
-    out = Path(args.beton_dir)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, start = {}, time.perf_counter()
-    for split, folder in (("train", args.train_dir), ("val", args.val_dir)):
+    for split, folder in (("train", train_dir), ("val", val_dir)):
         folder = Path(folder).absolute()  # the writer reads data_dir/<split>/<class>/...
-        paths[split] = str(out / f"{split}_{args.max_res}.beton")
+        paths[split] = str(out / f"{split}_{max_res}.beton")
         try:
-            write_split(str(folder.parent), folder.name, paths[split], max_resolution=args.max_res,
-                        num_workers=args.write_workers)
+            write_split(str(folder.parent), folder.name, paths[split], max_resolution=max_res, num_workers=workers)
         except WriteError as e:
             raise UsageError(f"writing {split}: {e}") from None
     return paths, time.perf_counter() - start
@@ -273,7 +276,8 @@ def main(argv: list[str]) -> int:
         os._exit(code)
     try:
         args = parse(argv)
-        betons, beton_s = write_betons(args)
+        betons, beton_s = write_betons(args.train_dir, args.val_dir, args.beton_dir, args.max_res,
+                                       args.write_workers)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
