@@ -131,8 +131,10 @@ def _ci_text(ci: dict | None, digits: int) -> str:
 def _table(head: list[str], lines: list[list[str]], right: range) -> list[str]:
     """Markdown table; the columns in ``right`` are right-aligned (numbers), the others left."""
     widths = [max(len(line[i]) for line in [head, *lines]) for i in range(len(head))]
-    cell = lambda c, w, i: c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
-    fmt = lambda line: "| " + " | ".join(cell(c, w, i) for i, (c, w) in enumerate(zip(line, widths))) + " |"  # noqa: E731
+
+    def fmt(line: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(line, widths))) + " |"
     return [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(line) for line in lines]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fastvit_reduce.differences import find_groups, interval_rows, epoch_differences
+from fastvit_reduce.differences import epoch_differences, find_groups, interval_rows
 from fastvit_reduce.stats import mean_ci
 
 MARKERS = "osD^vPX*<>hp"

@@ -167,7 +167,8 @@ def test_plot_labels_never_overlap_and_the_legend_covers_no_point(tmp_path):
         centres = [line.get_transform().transform(xy) for line in ax.get_lines()
                    if line.get_marker() not in ("", "None", "_") for xy in line.get_xydata()]  # '_': caps
         assert len(centres) >= 4
-        gaps = [((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5 for i, a in enumerate(centres) for b in centres[i + 1:]]
+        gaps = [((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5
+                for i, a in enumerate(centres) for b in centres[i + 1:]]
         assert min(gaps) >= plots.MIN_GAP_PX - 0.5, ax.get_title()
         labels = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
         assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])
