@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastvit_reduce import GROUPED_MODELS
 from fastvit_reduce import checkpoint as ckpt
 from fastvit_reduce import runs
 from fastvit_reduce.config import UsageError
@@ -98,6 +99,10 @@ def untie(model: nn.Module) -> nn.Module:
 def timm_form(model: nn.Module, cfg: dict, tied: bool) -> tuple[str, dict]:
     """(timm architecture name, model_args beyond the model's recorded ones) of the export."""
     arch, strategy = cfg["model.arch"], cfg["reduction.strategy"]
+    if arch in GROUPED_MODELS:  # trained as a grouped name (model.arch: vit_base_patch16_224_dgmlp)
+        if tied:
+            return arch, {}
+        arch = model.pretrained_cfg["architecture"]  # untied: the timm ViT it groups
     if tied:
         g, scale = cfg["reduction.group_size"], cfg["reduction.scale"]
         if (arch, g) == SEED_GROUPED[:2]:

@@ -144,3 +144,9 @@ def test_the_seed_name_is_written_for_vit_b16_in_pairs():
            "reduction.scale": 0.707}
     assert export.timm_form(None, cfg, tied=True) == ("vit_base_patch16_224_dgmlp", {"mlp_scale": 0.707})
     assert export.timm_form(None, {**cfg, "reduction.group_size": 3}, tied=True)[0] == "vit_dgmlp"
+    # a run whose model.arch is itself the seed's grouped name keeps it (tied) or is its ViT (untied)
+    seed = {**cfg, "model.arch": "vit_base_patch16_224_dgmlp", "reduction.strategy": "baseline"}
+    assert export.timm_form(None, seed, tied=True) == ("vit_base_patch16_224_dgmlp", {})
+    plain = torch.nn.Module()
+    plain.pretrained_cfg = {"architecture": "vit_base_patch16_224"}
+    assert export.timm_form(plain, seed, tied=False) == ("vit_base_patch16_224", {})
