@@ -57,19 +57,24 @@ def _scale(values: list[float], units: list[tuple[float, str]]) -> tuple[float, 
     return units[-1]
 
 
-def dodge(ax, artists: list[tuple[list, tuple[float, float]]]) -> None:
-    """Shift, by whole steps of ``MIN_GAP_PX`` sideways, each point whose centre would lie within
-    ``MIN_GAP_PX`` of one already placed; ``artists``: (matplotlib artists of a point, (x, y)).
+def dodge(ax, artists: list[tuple[list, tuple[float, float, float, float]]]) -> None:
+    """Shift sideways, by whole steps of ``MIN_GAP_PX``, each point that would touch one already
+    placed: closer than ``MIN_GAP_PX`` in x while their vertical extents (error bar, or the marker
+    where there is none) overlap. ``artists``: (matplotlib artists of a point, (x, y, y_lo, y_hi)).
     Call after the layout is final (the axes' pixel size is used)."""
     from matplotlib.transforms import ScaledTranslation
-    placed = []
-    for parts, xy in artists:
-        x0, y0 = ax.transData.transform(xy)
+    half = MIN_GAP_PX / 2  # a marker's half height, in pixels
+    placed = []  # (x, lo, hi) in pixels
+    for parts, (x, y, lo, hi) in artists:
+        x0, y_lo = ax.transData.transform((x, lo))
+        y_hi = ax.transData.transform((x, hi))[1]
+        y_px = ax.transData.transform((x, y))[1]
+        lo_px, hi_px = min(y_lo, y_px - half), max(y_hi, y_px + half)
         shift, k = 0.0, 0
-        while any(math.hypot(x0 + shift - px, y0 - py) < MIN_GAP_PX for px, py in placed):
+        while any(abs(x0 + shift - px) < MIN_GAP_PX and lo_px < p_hi and p_lo < hi_px for px, p_lo, p_hi in placed):
             k += 1
             shift = MIN_GAP_PX * ((k + 1) // 2) * (1 if k % 2 else -1)  # +1, -1, +2, -2 steps
-        placed.append((x0 + shift, y0))
+        placed.append((x0 + shift, lo_px, hi_px))
         if shift:
             offset = ScaledTranslation(shift / ax.figure.dpi, 0, ax.figure.dpi_scale_trans)
             for a in parts:
@@ -106,7 +111,9 @@ def cost_panels(axes, points: list[dict], style: dict) -> list:
         drawn, ys = [], []
         for p in have:
             x = p[key] / factor
-            drawn.append((_errorbar(ax, x, p["top1"], **style[p["name"]]), (x, p["top1"]["mean"])))
+            ci = p["top1"]
+            lo, hi = (ci["mean"], ci["mean"]) if ci["lo"] is None else (ci["lo"], ci["hi"])
+            drawn.append((_errorbar(ax, x, ci, **style[p["name"]]), (x, ci["mean"], lo, hi)))
             ys += [v for v in (p["top1"]["lo"], p["top1"]["hi"], p["top1"]["mean"]) if v is not None]
         missing = len(points) - len(have)
         ax.set_title(title + (f" ({missing} without it)" if missing else ""), fontsize=10)
@@ -114,7 +121,7 @@ def cost_panels(axes, points: list[dict], style: dict) -> list:
         ax.set_ylabel("final top-1 (%)", fontsize=9)
         ax.grid(alpha=0.3)
         if have:
-            _limits(ax, [xy[0] for _, xy in drawn], ys)
+            _limits(ax, [pt[0] for _, pt in drawn], ys)
         todo.append((ax, drawn))
     return todo
 
@@ -124,6 +131,7 @@ def difference_panels(ax_ci, ax_epoch, groups, style: dict) -> bool:
     per-epoch Δ top-1 curves with the paired band. False when there is nothing to compare."""
     from matplotlib.ticker import MaxNLocator
     ticks, labels, x, any_curve = [], [], 0, False
+    shown, full = [0.0], [0.0]  # y values the epoch panel must show (means, last bands) / all of it
     several = len(groups) > 1
     for g in groups:
         rows = {(r["variant"], r["key"]): r for r in interval_rows(g)}
@@ -151,9 +159,12 @@ def difference_panels(ax_ci, ax_epoch, groups, style: dict) -> bool:
                 es = list(curve)
                 means = [c["mean"] for c in curve.values()]
                 ax_epoch.plot(es, means, color=style[name]["color"], marker=style[name]["marker"], markersize=5)
+                shown += means
                 if all(c["lo"] is not None for c in curve.values()):
-                    ax_epoch.fill_between(es, [c["lo"] for c in curve.values()], [c["hi"] for c in curve.values()],
-                                          color=style[name]["color"], alpha=0.15, linewidth=0)
+                    los, his = [c["lo"] for c in curve.values()], [c["hi"] for c in curve.values()]
+                    ax_epoch.fill_between(es, los, his, color=style[name]["color"], alpha=0.15, linewidth=0)
+                    shown += [los[-1], his[-1]]
+                    full += los + his
     if not ticks:
         return False
     seeds = max(len(g.common_seeds(v)) for g in groups for v in g.variants)
@@ -169,8 +180,14 @@ def difference_panels(ax_ci, ax_epoch, groups, style: dict) -> bool:
     ax_epoch.set_xlabel("epoch", fontsize=9)
     ax_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_epoch.set_ylabel(f"Δ top-1 vs {base} (points)", fontsize=9)
-    ax_epoch.set_title("per-epoch difference (mean over seeds, 95 % band)" if any_curve else "per-epoch difference",
-                       fontsize=10)
+    title = "per-epoch difference (mean over seeds, 95 % band)" if any_curve else "per-epoch difference"
+    if min(full) < min(shown) or max(full) > max(shown):
+        # why: with 3 seeds the early bands are several times wider than the last epoch's and
+        # would flatten the curves; the axis shows every mean and the final band
+        pad = 0.1 * (max(shown) - min(shown) or 1.0)
+        ax_epoch.set_ylim(min(shown) - pad, max(shown) + pad)
+        title += "; wider early bands run past the axis"
+    ax_epoch.set_title(title, fontsize=10)
     return True
 
 

@@ -172,6 +172,12 @@ def test_plot_labels_never_overlap_and_the_legend_covers_no_point(tmp_path):
         assert min(gaps) >= plots.MIN_GAP_PX - 0.5, ax.get_title()
         labels = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
         assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])
+    for ax in cost_axes:  # and no error bar runs through another point's bar
+        bars = [c.get_transform().transform(seg) for c in ax.collections for seg in c.get_segments()]
+        for i, a in enumerate(bars):
+            for b in bars[i + 1:]:
+                close = abs(a[0][0] - b[0][0]) < plots.MIN_GAP_PX - 0.5
+                assert not (close and a[:, 1].min() < b[:, 1].max() and b[:, 1].min() < a[:, 1].max()), ax.get_title()
     # each cost axis varies across the variants (the time axis is each variant's own compute time)
     assert "compute time" in cost_axes[1].get_title() and len(epoch_axes.get_lines()) >= 3
     xs = {float(line.get_xdata()[0]) for line in cost_axes[1].get_lines() if line.get_marker() != "_"}
