@@ -1,7 +1,8 @@
 """fastvit_reduce: train parameter-reduced ViTs with FFCV + timm.
 
-Importing the package registers the seed's timm model names (``SEED_MODELS``) without importing
-torch or timm itself:
+Importing the package registers the seed's timm model name and its form for any timm ViT
+(``GROUPED_MODELS``: ``vit_base_patch16_224_dgmlp``, ``vit_dgmlp``) without importing torch or
+timm itself:
 
 * timm already imported -> they are registered now;
 * otherwise a one-shot import hook registers them right after timm's own ``__init__`` finishes,
@@ -21,6 +22,7 @@ import importlib.util
 import sys
 
 SEED_MODELS = ("vit_base_patch16_224_dgmlp",)  # the seed's dg_vit.py names
+GROUPED_MODELS = SEED_MODELS + ("vit_dgmlp",)  # + grouped MLPs on any timm ViT (base_arch=...): export's name
 
 
 def __getattr__(name):
@@ -37,10 +39,16 @@ def vit_base_patch16_224_dgmlp(pretrained: bool = False, **kwargs):
     return build(pretrained=pretrained, **kwargs)
 
 
+def vit_dgmlp(pretrained: bool = False, **kwargs):
+    """timm entry point of a grouped-MLP ViT (``base_arch=...``); see ``fastvit_reduce.models.vit_dgmlp``."""
+    from fastvit_reduce.models import vit_dgmlp as build
+    return build(pretrained=pretrained, **kwargs)
+
+
 def register_seed_models() -> None:
-    """Register ``SEED_MODELS`` in timm's registry (idempotent: timm warns on a second registration)."""
+    """Register ``GROUPED_MODELS`` in timm's registry (idempotent: timm warns on a second registration)."""
     from timm.models import is_model, register_model
-    for fn in (vit_base_patch16_224_dgmlp,):
+    for fn in (vit_base_patch16_224_dgmlp, vit_dgmlp):
         if not is_model(fn.__name__):
             register_model(fn)
 
@@ -71,4 +79,5 @@ if "timm" in sys.modules:
 elif not any(isinstance(f, _RegisterAfterTimm) for f in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterTimm())
 
-__all__ = ["SEED_MODELS", "create_model", "register_seed_models", "vit_base_patch16_224_dgmlp"]
+__all__ = ["GROUPED_MODELS", "SEED_MODELS", "create_model", "register_seed_models", "vit_base_patch16_224_dgmlp",
+           "vit_dgmlp"]

@@ -10,6 +10,7 @@
     fastvit-reduce sweep    --paired CONFIG...                          K variants, one process, same batches
     fastvit-reduce report   RUN_DIR...                                  sweep summary table/plot
     fastvit-reduce compare  RUN_A RUN_B                                 same weights? first differing epoch
+    fastvit-reduce export   RUN OUT [--untie]                           weights + config.json stock timm loads
     fastvit-reduce bench    e2e|threads ...                             vs timm's pipeline / OpenMP
     fastvit-reduce bench    gpu --out DIR [--device cpu] [--table]      the GPU check (JSON lines per section)
     fastvit-reduce bench    eval RUN_DIR... --val-dir D                 same weights, our vs timm's val pipeline
@@ -36,6 +37,7 @@ COMMANDS = {
     "sweep": "fastvit_reduce.sweep",
     "report": "fastvit_reduce.report",
     "compare": "fastvit_reduce.runs",
+    "export": "fastvit_reduce.export",
 }
 
 

@@ -6,8 +6,9 @@
 ``model_from_cfg`` reads the ``model`` and ``reduction`` keys (declared in
 ``fastvit_reduce.settings``, the strategy knobs included).
 
-``vit_base_patch16_224_dgmlp`` below is the seed's timm model; ``import fastvit_reduce`` registers
-it with timm (see the package docstring).
+``vit_base_patch16_224_dgmlp`` below is the seed's timm model and ``vit_dgmlp`` its form for any
+timm ViT (what ``export`` writes for a grouped model); ``import fastvit_reduce`` registers both
+with timm (see the package docstring).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastvit_reduce import SEED_MODELS  # registered with timm by the package's __init__
+from fastvit_reduce import GROUPED_MODELS  # registered with timm by the package's __init__
 from fastvit_reduce.config import ConfigError, declared_keys
 from fastvit_reduce.settings import KNOB_OWNERS, STRATEGY_CHOICES
 from fastvit_reduce.strategies import (STRATEGIES, StrategyError, apply_grouped, model_name, param_count,
@@ -91,8 +92,8 @@ def create_model(name: str, strategy: str | None = None, pretrained_file: str | 
     Everything else goes to ``timm.create_model``.
 
     ``pretrained_file`` (a local state dict) is loaded into the model timm builds, before any
-    surgery, so shallow prunes and grouped shares trained weights. For a seed name
-    (``SEED_MODELS``) it is loaded before that model's own grouping. For ``thin`` it is loaded
+    surgery, so shallow prunes and grouped shares trained weights. For a grouped name
+    (``GROUPED_MODELS``) the model's own entry loads it (``vit_dgmlp``). For ``thin`` it is loaded
     into the thin model itself: a full-width file is an error naming the shapes (why not slice:
     keeping the first hidden units of a trained model is ``shallow``'s job, ``prune_by=first``;
     thin means "trained thin from the start", and a silent slice would make the two the same).
@@ -111,7 +112,7 @@ def create_model(name: str, strategy: str | None = None, pretrained_file: str | 
     for k in knobs:
         if k not in own:
             raise StrategyError(f"{k} is a knob of {' and '.join(KNOB_OWNERS[k])}, not of {strategy}")
-    if pretrained_file and name in SEED_MODELS:
+    if pretrained_file and name in GROUPED_MODELS:
         kwargs["pretrained_file"], pretrained_file = pretrained_file, None  # loaded before its grouping
     if spec and spec.at_creation:
         model = spec.apply(name, **knobs, **kwargs)
@@ -172,30 +173,55 @@ def _same(knob, value) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- the seed's model names
+# ----------------------------------------------------------------------------- grouped model names
 # (registered with timm by fastvit_reduce/__init__.py, which forwards here)
+def vit_dgmlp(base_arch: str = "vit_base_patch16_224", pretrained: bool = False, mlp_scale: float = 1 / math.sqrt(2),
+              group_size: int = 2, pretrained_file: str | Path | None = None, **kwargs) -> nn.Module:
+    """Any timm ViT ``base_arch`` with grouped MLPs: timm builds it (same init, same
+    ``pretrained_cfg``), then ``apply_grouped(scale=mlp_scale, group_size=group_size)``. This is
+    the name ``fastvit-reduce export`` writes into a grouped model's ``config.json``.
+
+    Weights (``pretrained=True``; hub downloads are off, so a local file is needed, else
+    ``StrategyError``): from ``pretrained_file``, timm's ``pretrained_cfg_overlay=dict(file=...)``,
+    or the folder of ``timm.create_model('local-dir:DIR', pretrained=True)``. A grouped export
+    (``model.safetensors`` marked by ``fastvit_reduce.tied``) is loaded after the grouping, its
+    shared tensors once; any other file holds a full model's weights and is loaded before the
+    grouping (the seed's way to start DG-ViT from a trained ViT). A ``pretrained_file`` alone
+    implies ``pretrained``. Other ``kwargs`` go to timm's ``base_arch`` (img_size, num_classes, ...).
+    """
+    from timm.models import model_entrypoint
+
+    from fastvit_reduce.tied import is_tied, load_tied
+    cfg, overlay = kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay") or {}
+    cfg_file = cfg.get("file") if isinstance(cfg, dict) else None  # local-dir: the export's folder
+    file = pretrained_file or ((overlay.get("file") or cfg_file) if pretrained else None)
+    if pretrained and not file:
+        raise StrategyError(f"{base_arch} grouped: pretrained=True needs a local file (pretrained_file=PATH, "
+                            "model.pretrained_file or local-dir:FOLDER); hub downloads are off")
+    if file and Path(file).is_dir():
+        file = Path(file) / "model.safetensors"
+    model = model_entrypoint(base_arch)(pretrained=False, **kwargs)
+    if file and is_tied(file):
+        model = apply_grouped(model, scale=mlp_scale, group_size=group_size)
+        try:
+            load_tied(model, file)
+        except ValueError as e:
+            raise StrategyError(str(e)) from None
+        return model
+    if file:
+        load_pretrained(model, file)
+    return apply_grouped(model, scale=mlp_scale, group_size=group_size)
+
+
 def vit_base_patch16_224_dgmlp(pretrained: bool = False, mlp_scale: float = 1 / math.sqrt(2),
                                pretrained_file: str | Path | None = None, **kwargs) -> nn.Module:
     """The seed's DG-ViT-B/16 (its ``parameter_reduction/strategies/dg_vit.py``): timm's standard
-    ``vit_base_patch16_224`` (same init, same ``pretrained_cfg``), then adjacent blocks share one
-    MLP scaled by ``mlp_scale`` (= ``apply_grouped(scale=mlp_scale, group_size=2)``; 58,233,064
-    params at 1000 classes).
-
-    ``pretrained=True`` loads ``pretrained_file`` (or timm's ``pretrained_cfg_overlay=dict(file=...)``)
-    before the grouping; hub downloads are off, so ``pretrained=True`` without a local file raises
-    ``StrategyError``. A ``pretrained_file`` alone implies ``pretrained``. Other ``kwargs`` go to
-    timm's ``vit_base_patch16_224`` (img_size, num_classes, drop_path_rate, ...).
-    """
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    file = pretrained_file or (overlay.get("file") if pretrained else None)
-    if pretrained and not file:
-        raise StrategyError("vit_base_patch16_224_dgmlp: pretrained=True needs a local file "
-                            "(pretrained_file=PATH or model.pretrained_file); hub downloads are off")
-    from timm.models.vision_transformer import vit_base_patch16_224
-    model = vit_base_patch16_224(pretrained=False, **kwargs)
-    if file:
-        load_pretrained(model, file)
-    return apply_grouped(model, scale=mlp_scale, group_size=2)
+    ``vit_base_patch16_224``, then adjacent blocks share one MLP scaled by ``mlp_scale``
+    (= ``apply_grouped(scale=mlp_scale, group_size=2)``; 58,233,064 params at 1000 classes).
+    Weights as ``vit_dgmlp``; ``group_size`` (default 2) as there."""
+    kwargs.setdefault("group_size", 2)
+    return vit_dgmlp("vit_base_patch16_224", pretrained=pretrained, mlp_scale=mlp_scale,
+                     pretrained_file=pretrained_file, **kwargs)
 
 
 def mlp_stats(model: nn.Module) -> dict:

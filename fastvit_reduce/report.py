@@ -1,17 +1,20 @@
-"""``fastvit-reduce report RUN_DIR... [--out DIR]``: compare finished runs in a table and a plot.
+"""``fastvit-reduce report RUN_DIR... [--out DIR] [--baseline NAME]``: compare runs in tables and a plot.
 
 Reads each run folder the trainer wrote (``final.json``, plus ``params.json`` for the strategy's
-knobs and ``log.jsonl`` for runs that stopped before ``final.json``) and writes into ``--out``
-(default: the common parent of the runs):
+knobs and seed, and ``log.jsonl`` for the epochs) and writes into ``--out`` (default: the common
+parent of the runs):
 
     sweep_summary.csv   one row per run, raw numbers (params, seconds, fractions)
-    sweep_summary.md    the same as a Markdown table (also printed), then for paired runs the
-                        per-epoch differences of each variant from the pair's baseline
-    sweep_summary.png   top-1 vs parameters and top-1 vs wall-clock, one labelled point per run
+    sweep_summary.md    the same as a Markdown table (also printed), then per baseline and its
+                        variants (``fastvit_reduce.differences``): the difference of each variant
+                        from the baseline in final/peak top-1 and loss with 95 % intervals over
+                        seeds (paired by seed, and unpaired beside it), and per epoch
+    sweep_summary.png   accuracy against parameters, own compute time and FLOPs x images, the
+                        differences with their intervals, the per-epoch differences (``plots``)
 
-A RUN_DIR without ``final.json`` or ``log.jsonl`` whose sub-folders are runs (a sweep's
-``--out``) stands for all of them. ``fastvit_reduce.sweep`` calls ``write_summary`` itself at the
-end of a sweep, adding failed runs with the path of their log.
+A RUN_DIR that is not a run stands for the runs in it and in its sub-folders (a sweep's ``--out``,
+with ``seed_<S>/`` folders under ``--seeds``). ``fastvit_reduce.sweep`` calls ``write_summary``
+itself at the end of a sweep, adding failed runs with the path of their log.
 """
 from __future__ import annotations
 
@@ -23,15 +26,15 @@ import os
 import sys
 from pathlib import Path
 
-from fastvit_reduce import runs
+from fastvit_reduce import differences, runs
 
 # CSV columns, in order; the Markdown table shows a readable subset (MD_COLUMNS).
-CSV_COLUMNS = ["experiment", "strategy", "knobs", "params", "mlp_params", "gflops", "img_size",
+CSV_COLUMNS = ["experiment", "seed", "strategy", "knobs", "params", "mlp_params", "gflops", "img_size",
                "epochs", "epochs_done", "top_1", "headline", "best_top_1", "best_epoch", "peak_to_final",
-               "final_top_1",
+               "final_top_1", "final_eval_loss", "final_train_loss",
                "raw_best_top_1", "raw_final_top_1", "best_ema_top_1", "final_ema_top_1",
-               "total_time_s", "train_img_s", "data_wait_frac", "exit_reason", "weights_hash",
-               "paired_with", "status", "run_dir", "log"]
+               "total_time_s", "compute_s", "train_images", "train_img_s", "data_wait_frac", "val_images",
+               "exit_reason", "weights_hash", "paired_with", "status", "run_dir", "log"]
 
 
 class ReportError(ValueError):
@@ -50,8 +53,20 @@ def is_run_dir(path: Path) -> bool:
     return any((path / f).is_file() for f in ("final.json", "log.jsonl", "params.json"))
 
 
+def runs_below(folder: Path) -> list[Path]:
+    """Run folders in ``folder`` and one level further down (``--seeds`` puts each seed's runs in
+    ``seed_<S>/``), in path order."""
+    found = []
+    for child in sorted(c for c in folder.iterdir() if c.is_dir()):
+        if is_run_dir(child):
+            found.append(child)
+        else:
+            found.extend(sorted(g for g in child.iterdir() if g.is_dir() and is_run_dir(g)))
+    return found
+
+
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Expand each path to run folders: itself if it is a run, else its run sub-folders.
+    """Expand each path to run folders: itself if it is a run, else the runs below it (``runs_below``).
 
     Other entries (a sweep's ``logs/`` or ``sweep_summary.csv``, as ``runs/sweep1/*`` expands to)
     are skipped with a note; a missing path, or no run at all, is an error.
@@ -63,7 +78,7 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if p.is_dir() and is_run_dir(p):
             runs.append(p)
             continue
-        children = sorted(c for c in p.iterdir() if c.is_dir() and is_run_dir(c)) if p.is_dir() else []
+        children = runs_below(p) if p.is_dir() else []
         if not children:
             print(f"report: skipping {p} (not a run folder and holds none)", file=sys.stderr)
         runs.extend(children)
@@ -90,13 +105,18 @@ def load_run(run_dir: str | Path) -> dict:
     row["experiment"] = row["experiment"] or Path(run_dir).name
     row["strategy"], row["knobs"] = row["strategy"] or run["strategy"], run["knobs"]
     row["paired_with"] = " ".join(final.get("paired_with") or [])
+    row["seed"] = run["config"].get("training.seed")
+    last = lambda key: next((r[key] for r in reversed(log) if r.get(key) is not None), None)  # noqa: E731
+    row.update(final_eval_loss=last("eval_loss"), final_train_loss=last("train_loss"), val_images=last("val_images"))
     if not final:  # only the per-epoch log: summarise what is there
         head = [r["eval_top1"] for r in log if r.get("eval_top1") is not None]
         ema = [r["ema_top_1"] for r in log if r.get("ema_top_1") is not None]
         row.update(epochs_done=len(log), top_1=head[-1] if head else None, best_top_1=max(head, default=None),
                    final_top_1=head[-1] if head else None, best_ema_top_1=max(ema, default=None),
                    final_ema_top_1=ema[-1] if ema else None,
-                   total_time_s=sum(r.get("epoch_time_s") or 0 for r in log))
+                   total_time_s=sum(r.get("epoch_time_s") or 0 for r in log),
+                   compute_s=sum(r["compute_s"] for r in log) if all("compute_s" in r for r in log) else None,
+                   train_images=sum(r.get("train_images") or 0 for r in log))
     peak = max((r for r in log if r.get("eval_top1") is not None), key=lambda r: r["eval_top1"], default=None)
     if peak is not None:  # the paper's "Peak Epoch" and "Δ(P→F)" beside its Top-1 (the peak)
         row["best_epoch"] = peak["epoch"]
@@ -110,41 +130,6 @@ def load_run(run_dir: str | Path) -> dict:
     row["log"] = str(train_log) if train_log.is_file() else ""
     row["_rows"], row["_pair"] = log, run["pair"]
     return row
-
-
-def paired_differences(rows: list[dict]) -> str:
-    """Per paired group: each variant's top-1 and train loss minus its baseline's, per epoch.
-
-    The baseline of a group is the first config of the paired command (``params.json`` pair)."""
-    by_name = {r["experiment"]: r for r in rows}
-    groups, out = [], []
-    for r in rows:
-        pair = r.get("_pair")
-        if pair and pair.get("variants") and tuple(pair["variants"]) not in groups:
-            groups.append(tuple(pair["variants"]))
-    for group in groups:
-        base = by_name.get(group[0])
-        others = [by_name[n] for n in group[1:] if n in by_name]
-        if base is None or not others:
-            continue
-        base_rows = {x["epoch"]: x for x in base["_rows"]}
-        out.append(f"\npaired differences vs {base['experiment']} (same batches; top-1 in points, "
-                   f"headline = {base.get('headline') or 'raw'} model; train loss):\n")
-        head = ["epoch"] + [f"{o['experiment']} Δtop-1" for o in others] + [f"{o['experiment']} Δloss" for o in others]
-        lines = [head]
-        for e in sorted(base_rows):
-            cells = [str(e)]
-            for key, fmt in (("eval_top1", "+.2f"), ("train_loss", "+.4f")):
-                for o in others:
-                    mine = {x["epoch"]: x for x in o["_rows"]}.get(e, {})
-                    a, b = mine.get(key), base_rows[e].get(key)
-                    cells.append("–" if a is None or b is None else format(a - b, fmt))
-            lines.append(cells)
-        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-        out += ["| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |" for line in lines[:1]]
-        out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        out += ["| " + " | ".join(c.rjust(w) for c, w in zip(line, widths)) + " |" for line in lines[1:]]
-    return "\n".join(out) + ("\n" if out else "")
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -177,8 +162,9 @@ def _params(n) -> str:
     return "–" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
-MD_COLUMNS = [  # (header, function of a row)
+MD_COLUMNS = [  # (header, function of a row); "seed" only when the runs have several
     ("run", lambda r: r["experiment"]),
+    ("seed", lambda r: _num(r["seed"], "d")),
     ("strategy", lambda r: (r["strategy"] or "?") + (f" ({r['knobs']})" if r["knobs"] else "")),
     ("params", lambda r: _params(r["params"])),
     ("GFLOPs/img", lambda r: _num(r["gflops"], "#.3g")),
@@ -189,22 +175,25 @@ MD_COLUMNS = [  # (header, function of a row)
     ("raw top-1 %", lambda r: _num(r["raw_final_top_1"], ".1f")),
     ("epochs", lambda r: _epochs(r)),
     ("wall time", lambda r: _duration(r["total_time_s"])),
+    ("compute", lambda r: _duration(r["compute_s"])),  # the run's own forward/backward/optimizer time
     ("train img/s", lambda r: _num(r["train_img_s"], ".0f")),
     ("data wait", lambda r: _num(r["data_wait_frac"], ".0%")),
     ("status", lambda r: r["status"].split(":")[0].split(" — ")[0]),  # details listed below the table
 ]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The summary as a Markdown table, then one line per run that did not finish with its log."""
-    head = [h for h, _ in MD_COLUMNS]
-    body = [[str(f(r)) for _, f in MD_COLUMNS] for r in rows]
+def markdown_table(rows: list[dict], baseline: str | None = None) -> str:
+    """The summary as a Markdown table, one line per run that did not finish with its log, then
+    the differences from the baseline (``differences.comparison_text``)."""
+    columns = [c for c in MD_COLUMNS if c[0] != "seed" or len({r.get("seed") for r in rows}) > 1]
+    head = [h for h, _ in columns]
+    body = [[str(f(r)) for _, f in columns] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(b, widths)) + " |" for b in body]
     problems = [r for r in rows if r["status"] != "done"]
-    diffs = paired_differences(rows)
+    diffs = differences.comparison_text(rows, baseline)
     if problems:
         lines.append("")
         lines += [f"- {r['experiment']}: {r['status']}" + (f" — log: {r['log']}" if r["log"] else "")
@@ -212,43 +201,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n" + diffs
 
 
-def plot(rows: list[dict], path: str | Path) -> bool:
-    """Write top-1 vs params and top-1 vs wall-clock; False (no file) when no run has a top-1."""
-    pts = [r for r in rows if r["best_top_1"] is not None]
-    if not pts:
-        return False
-    import matplotlib
-    matplotlib.use("Agg")  # why: headless machines and CI have no display
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    panels = [("params", 1e-6, "parameters (M)"), ("total_time_s", 1 / 60, "wall-clock (min)")]
-    for ax, (key, scale, label) in zip(axes, panels):
-        for r in pts:
-            if r[key] is None:
-                continue
-            x = r[key] * scale
-            ax.scatter([x], [r["best_top_1"]], s=40)
-            if r["headline"] == "ema" and r["raw_best_top_1"] is not None:  # hollow: the raw model's
-                ax.scatter([x], [r["raw_best_top_1"]], s=40, facecolors="none", edgecolors="gray")
-            ax.annotate(r["experiment"], (x, r["best_top_1"]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=9)
-        ax.set_xlabel(label)
-        ax.set_ylabel("best top-1 (%)")
-        ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
-    axes[0].legend(handles=[Line2D([], [], ls="", marker="o", color="k", label="headline (EMA if on)"),
-                            Line2D([], [], ls="", marker="o", mfc="none", color="gray", label="raw model")],
-                   loc="lower right", fontsize=8)
-    axes[0].set_title("accuracy vs parameters")
-    axes[1].set_title("accuracy vs training time")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def order_rows(rows: list[dict]) -> list[dict]:
+    """Each experiment's runs together, by seed; experiments in their paired command's order
+    (baseline first), the others as found."""
+    order: dict[str, int] = {}
+    for r in rows:
+        for name in (r.get("_pair") or {}).get("variants") or [r["experiment"]]:
+            order.setdefault(name, len(order))
+    order.update({r["experiment"]: len(order) + i for i, r in enumerate(rows) if r["experiment"] not in order})
+    return sorted(rows, key=lambda r: (order[r["experiment"]], r.get("seed") is None, r.get("seed") or 0))
 
 
-def write_summary(rows: list[dict], out_dir: str | Path) -> str:
-    """Write sweep_summary.{csv,md,png} into ``out_dir``; return the Markdown table."""
+def write_summary(rows: list[dict], out_dir: str | Path, baseline: str | None = None) -> str:
+    """Write sweep_summary.{csv,md,png} into ``out_dir``; return the Markdown text."""
+    from fastvit_reduce.plots import plot
+    rows = order_rows(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "sweep_summary.csv", "w", newline="") as f:
@@ -256,10 +223,10 @@ def write_summary(rows: list[dict], out_dir: str | Path) -> str:
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in r.items() if not k.startswith("_")}
                          for r in rows)
-    table = markdown_table(rows)
+    table = markdown_table(rows, baseline)
     (out_dir / "sweep_summary.md").write_text(table)
     png = out_dir / "sweep_summary.png"
-    if not plot(rows, png):
+    if not plot(rows, png, baseline):
         png.unlink(missing_ok=True)  # why: a stale plot from an earlier sweep would mislead
     return table
 
@@ -270,6 +237,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or folders of runs")
     parser.add_argument("--out", default=None, help="where to write sweep_summary.* "
                         "(default: the common parent of the runs)")
+    parser.add_argument("--baseline", default=None, metavar="NAME",
+                        help="experiment the separate (unpaired) runs are compared with (default: the "
+                             "one whose strategy is baseline; a paired run's baseline is its first config)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
@@ -281,7 +251,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(os.path.commonpath([r.resolve().parent for r in runs]))
-    print(write_summary(rows, out), end="")
+    print(write_summary(rows, out, args.baseline), end="")
     print(f"\nwrote {out / 'sweep_summary.csv'}, sweep_summary.md"
           + (", sweep_summary.png" if (out / "sweep_summary.png").exists() else ""))
     return 0

@@ -43,12 +43,12 @@ HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "da
 TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
 LOG_KEYS = TIMM_COLUMNS + [
     "raw_top_1", "raw_top_5", "raw_loss", "ema_top_1", "ema_top_5", "ema_loss", "val_images", "res",
-    "updates", "epoch_time_s", "train_time_s", "train_img_s", "data_wait_frac", "peak_mem_mb",
-    "weights_hash"]
+    "updates", "epoch_time_s", "train_time_s", "train_img_s", "data_wait_frac", "compute_s", "train_images",
+    "peak_mem_mb", "weights_hash"]
 FINAL_KEYS = ["experiment", "strategy", "arch", "img_size", "epochs", "params", "mlp_params", "gflops",
               "top_1", "best_top_1", "final_top_1", "headline", "raw_best_top_1", "raw_final_top_1",
               "best_ema_top_1", "final_ema_top_1", "total_time_s", "train_img_s", "data_wait_frac",
-              "completed", "exit_reason", "weights_hash", "first_batch_hash"]
+              "compute_s", "train_images", "completed", "exit_reason", "weights_hash", "first_batch_hash"]
 
 
 class RunFolderError(RuntimeError):

@@ -36,7 +36,8 @@ def last_state(v, epoch: int, step: int, epoch_stats: dict, elapsed_s: float) ->
             "step_in_epoch": step, "updates": v.updates, "consecutive_bad": float(v.consecutive_bad),
             "world_size": v.d.world, "elapsed_s": elapsed_s,
             "epoch_stats": {"loss_sum": float(v.loss_sum), "loss_n": float(v.loss_n),
-                            "lr_sum": v.lr_sum, "lr_n": v.lr_n, **epoch_stats} if step else {},
+                            "lr_sum": v.lr_sum, "lr_n": v.lr_n, "compute_s": v.timer.read(),
+                            **epoch_stats} if step else {},
             "best": v.best, "rows": list(v.rows), "first_batch_hash": v.first_batch_hash}
 
 
@@ -155,6 +156,8 @@ def epoch_row(v, epoch: int, metrics: dict, train: dict, *, loss: float, world: 
             "epoch_time_s": _round(train["wall_s"] + eval_s, 3), "train_time_s": _round(train["wall_s"], 3),
             "train_img_s": _round(train["images"] * world / wall, 1),
             "data_wait_frac": _round(train["wait_s"] / wall, 4),
+            # this variant's own forward/backward/optimizer seconds, and the images it stepped on
+            "compute_s": _round(v.timer.read(), 3), "train_images": train["images"] * world,
             "peak_mem_mb": _round(peak_mem_mb, 1), "weights_hash": weights_hash(v.model.state_dict())}
 
 
@@ -177,6 +180,8 @@ def final_summary(v, *, completed: bool, ranks_in_sync: bool, elapsed_s: float, 
             "best_ema_top_1": max(ema, default=None), "final_ema_top_1": ema[-1] if ema else None,
             "total_time_s": elapsed_s, "train_img_s": weighted("train_img_s"),
             "data_wait_frac": weighted("data_wait_frac"),
+            "compute_s": sum(r.get("compute_s") or 0.0 for r in rows),
+            "train_images": sum(r.get("train_images") or 0 for r in rows),
             "completed": completed and reason == "completed", "exit_reason": reason,
             "weights_hash": rows[-1]["weights_hash"] if rows else None,
             "first_batch_hash": v.first_batch_hash, "epochs_done": len(rows), "updates": v.updates,

@@ -2,6 +2,7 @@
 
     fastvit-reduce sweep rn_configs/{baseline,thin,shallow,grouped}.yaml --gpus 0,1,2,3 --out runs/
     fastvit-reduce sweep rn_configs/sample/{baseline,thin}.yaml --out demo_out/runs  # CPU: one by one
+    fastvit-reduce sweep --paired --seeds 1,2,3 rn_configs/sample/{baseline,thin}.yaml --out demo_out/seeds
     fastvit-reduce sweep rn_configs/{thin,grouped}.yaml --slurm --nodes 2 --gpus-per-run 8 --out runs/
 
 Each config is its own ``torchrun`` job (``python -m torch.distributed.run ... -m fastvit_reduce.cli
@@ -23,10 +24,17 @@ so a run is exactly what you would get by hand, and its folder is ``OUT/<config 
 * ``--paired``: all configs train in ONE trainer process, stepping in turn on each batch, which is
   decoded and augmented once (``train.py --config A --pair-with B C``). The comparison is then
   between strategies on identical data; ``report`` adds a paired-difference table.
+* ``--seeds 1,2,3``: every job once per seed (``--training.seed=S``), its runs in
+  ``OUT/seed_<S>/<name>/`` (names unchanged, so ``report`` matches a variant's runs by name and
+  seed) and its log in ``OUT/logs/<job>_seed<S>.log``; ``report`` then gives each variant's
+  difference from the baseline with a 95 % interval over the seeds.
 * ``--cpu-slots N`` (CPU): N jobs at once, each pinned to its own 1/N of the cores (the trainer
   sizes its threads from that). With ``--paired`` the pair is split over N processes
   (``--pair-part I/N``), each decoding the same batches: one small ViT's step does not use more
   than about one core (docs/results/speed.md), so on a CPU this is how a paired sweep fills the machine.
+  Before launching, each job's decode threads are sized (``data.num_workers: 0`` = one per core
+  of the job, printed on its start line); a config asking for more than numba allows a job is
+  refused, naming the value that works.
 * At the end it writes ``OUT/sweep_summary.{csv,md,png}`` (``fastvit_reduce.report``): this
   sweep's runs in config order, then any other run folders already in ``OUT``.
 
@@ -72,12 +80,14 @@ class Job:
     pair: list[Path] = field(default_factory=list)       # --paired: the other configs
     pair_dirs: list[Path] = field(default_factory=list)  # --paired: their run folders
     part: tuple[int, int] | None = None                  # --paired --cpu-slots N: (i, N)
+    seed: int | None = None                              # --seeds: this job's training.seed
     status: str = "not started"
     returncode: int | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
     logf: object = field(default=None, repr=False)  # open log file while running
     gpus: list[str] = field(default_factory=list)
     cpus: list[int] = field(default_factory=list)        # --cpu-slots: the cores it is pinned to
+    decode_threads: int | None = None                    # ffcv decode threads each of its processes runs
     port: int | None = None
     start: float = 0.0
     log_offset: int = 0                # where this attempt's output starts in the (appended) log
@@ -139,12 +149,14 @@ def train_args(job: Job, out: Path, overrides: list[str]) -> list[str]:
     """The trainer's arguments for ``job`` (config, run folder, then the sweep's --set overrides).
     Paired: ``--pair-with`` the other configs (and ``--pair-part I/N`` for one of N processes);
     each run is named after its config file."""
+    folder = f"--logging.folder={job.run_dir.parent.resolve()}"  # OUT, or OUT/seed_S with --seeds
+    seed = [] if job.seed is None else [f"--training.seed={job.seed}"]
     if job.pair:
         part = [f"--pair-part={job.part[0]}/{job.part[1]}"] if job.part else []
         return (["--config", str(job.config.resolve()), "--pair-with", *(str(c.resolve()) for c in job.pair),
-                 *part, f"--logging.folder={out.resolve()}"] + [f"--{kv}" for kv in overrides])
-    return ["--config", str(job.config.resolve()), f"--logging.folder={out.resolve()}",
-            f"--logging.experiment={job.name}"] + [f"--{kv}" for kv in overrides]
+                 *part, folder] + seed + [f"--{kv}" for kv in overrides])
+    return ["--config", str(job.config.resolve()), folder,
+            f"--logging.experiment={job.run_dir.name}"] + seed + [f"--{kv}" for kv in overrides]
 
 
 def torchrun_command(job: Job, out: Path, overrides: list[str], nproc: int, port: int) -> list[str]:
@@ -227,7 +239,8 @@ class Runner:
         resuming = " (resuming from last.pt)" if (job.run_dir / "last.pt").is_file() else ""
         where = f"GPU {','.join(job.gpus)}" if job.gpus else \
             f"CPU cores {','.join(map(str, job.cpus))}" if job.cpus else "CPU"
-        print(f"sweep: start {job.name}{resuming} on {where} — log {job.log}", flush=True)
+        threads = f", {job.decode_threads} decode thread(s)" if job.decode_threads else ""
+        print(f"sweep: start {job.name}{resuming} on {where}{threads} — log {job.log}", flush=True)
         job.logf = open(job.log, "ab")
         job.logf.write(f"\n$ {shlex.join(cmd)}\n".encode())
         job.logf.flush()
@@ -285,6 +298,34 @@ class Runner:
                 time.sleep(0.5)
 
 
+def job_cores(cpu_sets: list[list[int]]) -> int:
+    """Cores every job of this sweep can count on: the smallest ``--cpu-slots`` set, else all of
+    this process's cores (an unpinned job sees them all)."""
+    return min(len(c) for c in cpu_sets) if len(cpu_sets) > 1 else len(os.sched_getaffinity(0))
+
+
+def size_decode_threads(jobs: list[Job], out: Path, overrides: list[str], cores: int, slots: int) -> None:
+    """Before anything is launched: the ffcv decode threads each job will run (``data.num_workers``,
+    0 = one per core of the job), recorded on the job for the start line; ``SweepError`` naming
+    the key and a value that works when a config asks for more than numba allows a job (numba
+    refuses more threads than NUMBA_NUM_THREADS, by default the cores the process may use), which
+    would otherwise fail every job after its start-up."""
+    env = os.environ.get("NUMBA_NUM_THREADS", "")
+    limit = int(env) if env.isdigit() and int(env) > 0 else cores
+    for job in jobs:
+        cfgs = resolved_configs(job, out, overrides)
+        if not cfgs:
+            continue  # the trainer names the config error itself
+        asked = cfgs[0]["data.num_workers"]  # paired variants agree on it (it shapes the batches' source)
+        if asked > limit:
+            split = (f"--cpu-slots {slots} gives each job {cores} core(s)" if slots > 1
+                     else f"each job may use {cores} core(s)")
+            raise SweepError(f"data.num_workers={asked} ({job.config}) asks for {asked} decode threads, but {split} "
+                             f"and numba allows at most {limit} thread(s) there; use --set data.num_workers={limit} "
+                             f"(or --set data.num_workers=0: one per core of each job)")
+        job.decode_threads = asked or min(cores, limit)
+
+
 # ----------------------------------------------------------------------------- slurm
 # ----------------------------------------------------------------------------- summary and CLI
 def summary_rows(jobs: list[Job], out: Path) -> list[dict]:
@@ -303,8 +344,8 @@ def summary_rows(jobs: list[Job], out: Path) -> list[dict]:
             row["log"] = str(job.log) if job.log.is_file() else ""
             rows.append(row)
     ours = {d.resolve() for job in jobs for d in run_dirs(job)}
-    for run in sorted(out.iterdir()):
-        if run.is_dir() and run.resolve() not in ours and report.is_run_dir(run):
+    for run in report.runs_below(out):
+        if run.resolve() not in ours:
             try:
                 rows.append(report.load_run(run))
             except report.ReportError:
@@ -330,10 +371,38 @@ def refuse_control_chars(what: str, text: str) -> None:
         raise SweepError(f"{what} contains a control character ({bad[0]!r}): {text!r}")
 
 
-def make_jobs(configs: list[str], out: Path, paired: bool = False, parts: int = 1) -> list[Job]:
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``'1,2,3'`` -> [1, 2, 3] (``--seeds``); None without the option."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"--seeds expects comma-separated integers, e.g. 1,2,3; got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise SweepError(f"--seeds expects distinct integers >= 0, e.g. 1,2,3; got {text!r}")
+    return seeds
+
+
+def seed_folder(out: Path, seed: int) -> Path:
+    """Where ``--seeds`` puts one seed's runs: ``OUT/seed_<S>/<experiment>/`` (the run folders keep
+    their names across seeds, so ``report`` matches a variant's runs by name and seed)."""
+    return out / f"seed_{seed}"
+
+
+def make_jobs(configs: list[str], out: Path, paired: bool = False, parts: int = 1,
+              seeds: list[int] | None = None) -> list[Job]:
     """Jobs for the config files (one per config, or one paired job for all, or ``parts`` paired
     jobs, ``--pair-part 1/N .. N/N`` of the same pair), refusing missing files and two configs
-    with the same stem."""
+    with the same stem. With ``seeds``: those jobs once per seed, in ``OUT/seed_<S>/``, seed by seed."""
+    if seeds is not None:
+        jobs = []
+        for seed in seeds:
+            for job in make_jobs(configs, seed_folder(out, seed), paired, parts):
+                job.seed, job.name = seed, f"{job.name}_seed{seed}"
+                job.log = out / "logs" / f"{job.name}.log"
+                jobs.append(job)
+        return jobs
     jobs, seen = [], {}
     for c in map(Path, configs):
         if not c.is_file():
@@ -364,7 +433,7 @@ def make_jobs(configs: list[str], out: Path, paired: bool = False, parts: int = 
 def paired_names(first: Job, rest: list[Job], out: Path) -> list[str]:
     """Run folder names the trainer will give a paired job's variants (config's
     logging.experiment, else the file's stem); the stems when the configs do not load yet."""
-    job = Job(config=first.config, name=first.name, run_dir=out, log=out, pair=[j.config for j in rest])
+    job = Job(config=first.config, name=first.name, run_dir=out / first.name, log=out, pair=[j.config for j in rest])
     try:
         from fastvit_reduce.train import resolve_variants
         return [name for _, name in resolve_variants(train_args(job, out, []))]
@@ -388,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU sweeps: run N jobs at once, each pinned to 1/N of this sweep's cores "
                         "(with --paired: the pair split over N processes, the same batches in each; "
                         "default 1 = one job at a time on every core)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="run every job once per seed (training.seed), in OUT/seed_<S>/; report then gives "
+                        "each variant's difference from the baseline with a 95 %% interval over seeds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer override for every run, e.g. --set training.epochs=1 (repeatable)")
     p.add_argument("--slurm", action="store_true", help="write (and submit) one sbatch script per config")
@@ -424,10 +496,13 @@ def main(argv: list[str]) -> int:
                 raise SweepError(f"--set expects section.key=value, got {kv!r}")
             if kv.split("=")[0] in ("logging.folder", "logging.experiment"):
                 raise SweepError(f"--set {kv.split('=')[0]} is chosen by the sweep (use --out / file names)")
+        seeds = parse_seeds(args.seeds)
+        if seeds is not None and any(kv.split("=")[0] == "training.seed" for kv in args.set):
+            raise SweepError("--seeds sets training.seed for each job; drop --set training.seed")
         if args.slurm and args.cpu_slots > 1:
             raise SweepError("--cpu-slots runs jobs on this machine; it does not apply to --slurm")
         cpu_sets = split_cores(args.cpu_slots, bool(gpus))
-        jobs = make_jobs(args.configs, out, paired=args.paired, parts=args.cpu_slots)
+        jobs = make_jobs(args.configs, out, paired=args.paired, parts=args.cpu_slots, seeds=seeds)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -443,6 +518,13 @@ def main(argv: list[str]) -> int:
             print(f"sweep: {job.name} is complete but its config or --set changed: launching it, and the "
                   f"trainer refuses unless only harmless keys changed (delete {job.run_dir} to redo it)")
     todo = [j for j in jobs if j.status != "done"]
+    if not args.slurm:
+        try:
+            size_decode_threads(todo, out, args.set, job_cores(cpu_sets) if not gpus else
+                                len(os.sched_getaffinity(0)), args.cpu_slots)
+        except SweepError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     if args.slurm:
         scripts = [write_sbatch(j.name, j.config, j.log, train_args(j, out, args.set), out,

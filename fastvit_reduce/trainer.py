@@ -43,6 +43,7 @@ from .runs import RunFolder, tensor_hash
 from .runtime import (AMP_DTYPES, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, Dist, Preempted, StopSignal,
                       available_cores, decode_threads, log, peak_mem_mb, set_numerics)
 from .seeding import derive
+from .steptime import ComputeTimer
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -84,6 +85,7 @@ class Variant:
         self.group_bad = torch.zeros((), device=dev)          # non-finite micro-steps in this group
         self.active, self.exit_reason, self.saved_final = True, None, False
         self.first_batch_hash = None
+        self.timer = ComputeTimer(dev)  # this variant's own step time (a paired run shares the wall clock)
         self.reset_epoch_sums()
 
     def build_model(self) -> nn.Module:
@@ -132,6 +134,7 @@ class Variant:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.loss_n = torch.zeros((), dtype=torch.float64, device=dev)
         self.lr_sum, self.lr_n = 0.0, 0
+        self.timer.reset(carry.get("compute_s", 0.0) if carry else 0.0)
         if carry:
             self.loss_sum += carry.get("loss_sum", 0.0)
             self.loss_n += carry.get("loss_n", 0.0)
@@ -358,9 +361,11 @@ class Trainer:
                         continue
                     # drop-path/dropout: the same stream for every variant and every rerun
                     torch.manual_seed(derive(cfg["training.seed"], "model", epoch, i, d.rank))
+                    v.timer.start()
                     v.micro_step(x, y, update=update, group=group)
                     if update:
                         v.optimizer_step(v.lr(epoch, i // accum, per_epoch))
+                    v.timer.stop()
                 del x, y
                 s["images"] += cfg["training.batch_size"]
                 bar.update(1)
@@ -380,6 +385,8 @@ class Trainer:
         due = self.d.main and minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
         stop, due = self.d.all_sum([float(self.stop.received is not None), float(due)])
         self.check_nonfinite(epoch)
+        for w in self.variants:
+            w.timer.read()  # why here: a log point, the device is waited for anyway
         v = self.variants[0]
         bar.set_postfix(loss=f"{float(v.loss_sum / v.loss_n.clamp(min=1)):.3f}", refresh=False)
         if stop or due:

@@ -3,10 +3,12 @@
 #   1. scripts/setup.sh                       system packages + .venv (idempotent)
 #   2. fastvit-reduce sample                  ImageNet-layout photos from scikit-image's own files
 #   3. scripts/write_imagenet.sh              ImageFolder -> train/val .beton (ffcv)
-#   4. fastvit-reduce sweep --paired          baseline / thin / shallow / grouped tiny ViTs on CPU,
+#   4. fastvit-reduce sweep --paired --seeds  baseline / thin / shallow / grouped tiny ViTs on CPU,
 #                                             in one process on the same batches (decoded and
-#                                             augmented once; the comparison is strategy, not noise)
-#   5. the comparison table, the paired-difference table and the plot
+#                                             augmented once; the comparison is strategy, not noise),
+#                                             once per seed (SEEDS=0,1,2 by default)
+#   5. the comparison table, each variant's difference from the baseline with its 95 % interval
+#      over the seeds, the per-epoch differences and the plot
 # Everything goes under demo_out/ (git-ignored; DEMO_OUT=dir to change it). Re-running reuses the
 # sample, the .beton files and the finished runs, so it is also how to resume an interrupted demo.
 # Target: under 10 minutes on 2 cores. Exit code: non-zero if any step or any run failed.
@@ -14,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo_out}
 RES=96          # px stored in the .beton (long side); the demo ViTs train at 64 px
+SEEDS=${SEEDS:-0,1,2}  # training.seed of each paired run: the intervals need two or more
 START=$(date +%s)
 step() { printf '\n=== [%4d s] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
@@ -40,9 +43,9 @@ if [ ${#train[@]} -ne 1 ] || [ ${#val[@]} -ne 1 ]; then
     exit 1
 fi
 
-step "4/5 paired sweep: baseline, thin, shallow, grouped (CPU, one process, same batches) -> $OUT/runs"
+step "4/5 paired sweep: baseline, thin, shallow, grouped (CPU, one process, same batches), seeds $SEEDS -> $OUT/runs"
 rc=0
-"$FVR" sweep --paired rn_configs/sample/{baseline,thin,shallow,grouped}.yaml --out "$OUT/runs" \
+"$FVR" sweep --paired --seeds "$SEEDS" rn_configs/sample/{baseline,thin,shallow,grouped}.yaml --out "$OUT/runs" \
     --set "data.train_dataset=$(realpath "${train[0]}")" \
     --set "data.val_dataset=$(realpath "${val[0]}")" || rc=$?
 

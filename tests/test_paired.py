@@ -66,7 +66,11 @@ def test_a_paired_variant_is_exactly_its_separate_run(env):
 
     rows = [load_run(runs_dir / "paired" / n) for n in ("baseline", "thin", "grouped")]
     table = markdown_table(rows)
-    assert "paired differences vs baseline" in table and "thin Δtop-1" in table and "grouped Δloss" in table
+    assert "per-epoch differences vs baseline (same batches" in table and "thin Δtop-1" in table
+    assert "grouped Δloss" in table and "1 seed: no interval" in table  # one seed: said, not hidden
+    # each variant's own step time: it shares the wall clock, not the compute
+    compute = [final(runs_dir / "paired" / n)["compute_s"] for n in ("baseline", "thin", "grouped")]
+    assert all(c > 0 for c in compute) and sum(compute) < final(runs_dir / "paired" / "thin")["total_time_s"]
     # re-running a finished paired command is a no-op
     stamp = (runs_dir / "paired" / "thin" / "final.json").stat().st_mtime_ns
     assert main(["--config", str(env / "baseline.yaml"), "--pair-with", str(env / "thin.yaml"),
@@ -161,7 +165,7 @@ def test_pair_parts_train_the_pair_between_processes_with_the_same_weights(env, 
         assert params["pair"] == {"variants": ["baseline", "thin", "grouped"], "baseline": "baseline"}
     assert final(parts / "thin")["paired_with"] == []  # trained alone in its process
     table = markdown_table([load_run(parts / n) for n in ("baseline", "thin", "grouped")])
-    assert "paired differences vs baseline" in table and "thin Δtop-1" in table
+    assert "per-epoch differences vs baseline" in table and "thin Δtop-1" in table
     capsys.readouterr()
     for bad, message in (("3/2", "1 <= I <= N"), ("1/4", "only 3 variant(s)"), ("x", "I/N")):
         assert main([*pair, "--pair-part", bad, f"--logging.folder={parts}"]) == 2

@@ -82,3 +82,106 @@ def test_failed_rows_from_the_sweep_are_listed_with_their_log(tmp_path):
     table = report.write_summary([row], tmp_path)
     assert "- bad: failed (exit 2) — log: /x/bad.log" in table
     assert not (tmp_path / "sweep_summary.png").exists()  # nothing to plot
+
+
+# ----------------------------------------------------------------------------- seeds and intervals
+PAIR = ["baseline", "thin", "shallow", "grouped"]
+BASE_TOP1 = {0: 80.0, 1: 82.0, 2: 81.0}
+DIFFS = {"baseline": [0, 0, 0], "thin": [1.0, 1.2, 1.1],  # paired interval excludes 0, Welch's does not
+         "shallow": [1.3, 0.9, 1.1],                    # same mean and params as thin: one point, dodged
+         "grouped": [-1.0, 1.0, 0.5]}                   # spans 0
+PARAMS = {"baseline": 267_852, "thin": 193_548, "shallow": 193_548, "grouped": 193_356}
+COMPUTE = {"baseline": 40.0, "thin": 29.0, "shallow": 30.0, "grouped": 39.0}
+GFLOPS = {"baseline": 0.04, "thin": 0.0304, "shallow": 0.0304, "grouped": 0.04}
+
+
+def fake_paired_sweep(out, seeds=(0, 1, 2)):
+    """A ``sweep --paired --seeds`` folder as the trainer writes it: OUT/seed_S/<variant>/."""
+    for seed in seeds:
+        for i, name in enumerate(PAIR):
+            run = out / f"seed_{seed}" / name
+            run.mkdir(parents=True)
+            top1 = BASE_TOP1[seed] + DIFFS[name][seed]
+            config = {"reduction.strategy": name, "training.seed": seed}
+            (run / "params.json").write_text(json.dumps({"config": config, "world_size": 1,
+                                                         "pair": {"variants": PAIR, "baseline": "baseline"}}))
+            log = [dict(epoch=e, train_loss=2.0 - e / 4 - 0.01 * i, eval_loss=1.0 - e / 10 + 0.001 * i,
+                        eval_top1=top1 - 3 + e, val_images=120, compute_s=COMPUTE[name] / 4, train_images=480)
+                   for e in range(4)]
+            (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            (run / "final.json").write_text(json.dumps(dict(
+                experiment=name, strategy=name, params=PARAMS[name], gflops=GFLOPS[name], epochs=4,
+                top_1=top1, best_top_1=top1, final_top_1=top1, headline="ema", total_time_s=100.0,
+                compute_s=COMPUTE[name], train_images=1920, completed=True,
+                paired_with=[p for p in PAIR if p != name])))
+
+
+def test_report_gives_intervals_over_seeds_and_says_when_they_span_zero(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    fake_paired_sweep(out)
+    assert report.main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "sweep_summary.csv")))
+    assert len(rows) == 12 and {r["seed"] for r in rows} == {"0", "1", "2"}
+    assert "differences from baseline over seeds 0, 1, 2" in printed and "one image = 0.83 points" in printed
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in printed.splitlines()
+             if line.startswith("| ") and "top-1" in line or "loss" in line}
+    thin = lines[("thin", "final top-1 %")]
+    assert "+1.10 [+0.85, +1.35]" in thin and "higher (excludes 0)" in thin  # t(2) = 4.303, sd 0.1
+    assert "spans 0" not in thin and "[-" in thin.split("+1.10 [+0.85, +1.35]")[1]  # Welch's spans 0
+    assert "spans 0: could be noise" in lines[("grouped", "final top-1 %")]
+    assert "lower (excludes 0)" in lines[("thin", "final train loss")]
+    # per-epoch differences: mean over seeds with the half-width of the interval
+    assert "per-epoch differences vs baseline (same batches; seeds 0, 1, 2" in printed
+    assert "+1.10 ±0.25" in printed
+
+
+def test_one_seed_says_there_is_no_interval(tmp_path, capsys):
+    fake_paired_sweep(tmp_path / "sweep", seeds=(0,))
+    assert report.main([str(tmp_path / "sweep" / "seed_0")]) == 0
+    printed = capsys.readouterr().out
+    assert "1 seed: no interval (sweep --seeds 1,2,3)" in printed and "| seed " not in printed
+
+
+def test_separate_runs_compare_with_the_baseline_strategy_or_the_one_named(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs, "base", "baseline", 450_000, 60.0)
+    fake_run(runs, "thin", "thin", 300_000, 55.0)
+    assert report.main([str(runs)]) == 0
+    assert "differences from base over one seed" in capsys.readouterr().out
+    assert report.main([str(runs), "--baseline", "thin"]) == 0
+    assert "differences from thin" in capsys.readouterr().out
+
+
+def test_plot_labels_never_overlap_and_the_legend_covers_no_point(tmp_path):
+    from fastvit_reduce import plots
+    fake_paired_sweep(tmp_path / "sweep")
+    rows = [report.load_run(r) for r in report.find_runs([tmp_path / "sweep"])]
+    fig = plots.summary_figure(rows)
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    cost_axes, ci_axes, epoch_axes = fig.axes[:3], fig.axes[3], fig.axes[4]
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+    for ax in [*cost_axes, ci_axes]:  # every point drawn apart from every other
+        centres = [line.get_transform().transform(xy) for line in ax.get_lines()
+                   if line.get_marker() not in ("", "None", "_") for xy in line.get_xydata()]  # '_': caps
+        assert len(centres) >= 4
+        gaps = [((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5
+                for i, a in enumerate(centres) for b in centres[i + 1:]]
+        assert min(gaps) >= plots.MIN_GAP_PX - 0.5, ax.get_title()
+        labels = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])
+    for ax in cost_axes:  # and no error bar runs through another point's bar
+        bars = [c.get_transform().transform(seg) for c in ax.collections for seg in c.get_segments()]
+        for i, a in enumerate(bars):
+            for b in bars[i + 1:]:
+                close = abs(a[0][0] - b[0][0]) < plots.MIN_GAP_PX - 0.5
+                assert not (close and a[:, 1].min() < b[:, 1].max() and b[:, 1].min() < a[:, 1].max()), ax.get_title()
+    # each cost axis varies across the variants (the time axis is each variant's own compute time)
+    assert "compute time" in cost_axes[1].get_title() and len(epoch_axes.get_lines()) >= 3
+    xs = {float(line.get_xdata()[0]) for line in cost_axes[1].get_lines() if line.get_marker() != "_"}
+    assert len(xs) == 4
+    plots.plot(rows, tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.size[0] > 1200

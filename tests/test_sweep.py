@@ -237,3 +237,60 @@ def test_a_signal_during_job_start_still_stops_that_job(tmp_path, monkeypatch):
     runner._start(job, ([], []), set())  # a slot: (GPUs, cores)
     assert job.proc.wait(timeout=30) == -signal.SIGTERM
     job.logf.close()
+
+
+def _finish_runs_stand_in(job, out, overrides, nproc, port):
+    """torchrun replaced: prints its trainer arguments and writes a completed final.json per run."""
+    code = ("import json, sys, pathlib; print('ARGS', *sys.argv[2:]); "
+            "[(pathlib.Path(d).mkdir(parents=True), (pathlib.Path(d) / 'final.json').write_text("
+            "json.dumps({'completed': True}))) for d in sys.argv[1].split(',')]")
+    dirs = ",".join(str(d) for d in sweep.run_dirs(job))
+    return [sys.executable, "-c", code, dirs, *sweep.train_args(job, out, overrides)]
+
+
+def test_seeds_run_each_paired_group_once_per_seed_in_its_own_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep, "torchrun_command", _finish_runs_stand_in)
+    configs = [str(SAMPLE_CONFIGS / f"{n}.yaml") for n in ("baseline", "thin")]
+    out = tmp_path / "seeds"
+    assert sweep.main(configs + ["--paired", "--seeds", "1,2,3", "--out", str(out)]) == 0
+    for seed in (1, 2, 3):
+        log = (out / "logs" / f"paired_baseline_thin_seed{seed}.log").read_text()
+        assert f"--training.seed={seed}" in log and f"--logging.folder={out.resolve()}/seed_{seed}" in log
+        assert {d.name for d in (out / f"seed_{seed}").iterdir()} == {"baseline", "thin"}
+    capsys.readouterr()
+    # unpaired: one job per config and seed, each run named after its config, in its seed's folder
+    assert sweep.main(configs + ["--seeds", "0,1", "--out", str(tmp_path / "single")]) == 0
+    log = (tmp_path / "single" / "logs" / "thin_seed1.log").read_text()
+    assert "--logging.experiment=thin" in log and "--training.seed=1" in log
+    assert (tmp_path / "single" / "seed_0" / "baseline" / "final.json").is_file()
+    job = sweep.make_jobs(configs, tmp_path / "single", seeds=[0, 1])[3]  # the skip judge sees the seed
+    assert job.name == "thin_seed1" and sweep.resolved_configs(job, tmp_path, [])[0]["training.seed"] == 1
+    capsys.readouterr()
+    for bad, message in ((["--seeds", "1,1"], "distinct"), (["--seeds", "a"], "integers"),
+                         (["--seeds", "1", "--set", "training.seed=3"], "drop --set training.seed")):
+        assert sweep.main(configs + bad + ["--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_cpu_slots_refuse_too_many_decode_threads_before_launching_anything(tmp_path, monkeypatch, capsys):
+    """--paired --cpu-slots 2 on 2 cores with data.num_workers: 2 would fail every part after its
+    start-up (numba allows one thread per 1-core part): refused up front, naming the key and the
+    value that works; with data.num_workers: 0 each part is sized to its core, and says so."""
+    monkeypatch.setattr(sweep.os, "sched_getaffinity", lambda pid: {0, 1} if pid == 0 else os.sched_getaffinity(pid))
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    launched = []
+    real_launch = sweep.launch
+    monkeypatch.setattr(sweep, "launch", lambda cmd, cpus=None, **kw: launched.append(cpus) or real_launch(cmd, **kw))
+    monkeypatch.setattr(sweep, "torchrun_command", _finish_runs_stand_in)
+    configs = []
+    for name in ("baseline", "thin", "shallow"):
+        (tmp_path / f"{name}.yaml").write_text(f"base: {SAMPLE_CONFIGS / name}.yaml\ndata:\n  num_workers: 2\n")
+        configs.append(str(tmp_path / f"{name}.yaml"))
+    out = tmp_path / "out"
+    assert sweep.main(configs + ["--paired", "--cpu-slots", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.num_workers=2") and "--cpu-slots 2 gives each job 1 core(s)" in err
+    assert "--set data.num_workers=1" in err and launched == [] and not (out / "logs").exists()
+    assert sweep.main(configs + ["--paired", "--cpu-slots", "2", "--set", "data.num_workers=0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("1 decode thread(s)") == 2 and sorted(launched) == [[0], [1]]

@@ -109,10 +109,13 @@ def test_one_process_trains_logs_and_refuses_a_changed_config(env, capsys):
     assert [r["epoch"] for r in log] == [0, 1]
     assert log[1]["train_loss"] < log[0]["train_loss"]
     assert all(0 <= r["eval_top1"] <= 100 and 0 <= r["data_wait_frac"] <= 1 and r["train_img_s"] > 0 for r in log)
+    # the variant's own step time: part of the epoch's training time, read at log points
+    assert all(0 < r["compute_s"] < r["train_time_s"] and r["train_images"] == 64 for r in log)
     assert len((run / "summary.csv").read_text().splitlines()) == 3  # header + one row per epoch
     fin = final(run)
     assert set(FINAL_KEYS) <= set(fin) and fin["completed"] and fin["epochs"] == 2
     assert fin["params"] == 264_260 and fin["best_top_1"] == max(r["eval_top1"] for r in log)
+    assert fin["train_images"] == 128 and fin["compute_s"] == pytest.approx(sum(r["compute_s"] for r in log))
     # EMA on: the headline is the EMA's top-1 (as timm), the raw model's sits beside it
     assert fin["headline"] == "ema" and fin["final_ema_top_1"] == log[-1]["ema_top_1"] == fin["top_1"]
     assert fin["raw_final_top_1"] == log[-1]["raw_top_1"] is not None
