@@ -13,7 +13,6 @@ moved sideways by a few pixels (``dodge``), keeping their values on the axis the
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from fastvit_reduce.differences import epoch_differences, find_groups, interval_rows
