@@ -1,0 +1,223 @@
+"""``fastvit-reduce bench`` commands for real, with their child processes:
+
+* ``bench e2e``: the whole command on a tiny sample ImageFolder (4 classes, 64-96 px photos): .beton
+  write, one child run per path, JSON summary; and ``--sweep`` with ``--cpu-slots 2``;
+* ``bench eval``: one run's weights through our .beton val loader and timm's ImageFolder loader. A
+  test_vit trains one epoch (``python train.py``), ``fastvit-reduce bench eval`` (a child process, as
+  users run it) evaluates its last.pt both ways; the ours column must equal the trainer's own final
+  evaluation;
+* ``bench gpu --device cpu --quick --json``: every section runs and reports sane numbers (structure
+  and invariants only; no timing thresholds), so the GPU check cannot rot;
+* ``bench loader``'s ceiling pool: worker processes, one of them killed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_beton
+
+from fastvit_reduce.data.write import write_split
+from fastvit_reduce.sample import build_sample
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, BATCH = 4, 6, 2, 8
+
+
+# ----------------------------------------------------------------------------- bench e2e
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "sample"
+    build_sample(out, num_classes=CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS,
+                 min_size=64, max_size=96)
+    return out
+
+
+def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
+    """The whole command on the tiny folder: .beton write, one child run per path, JSON summary."""
+    import json
+
+    from fastvit_reduce.bench.e2e import main
+    rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
+               "--beton-dir", str(tmp_path / "betons"), "--config", "rn_configs/sample/base.yaml", "--quick",
+               "--max-res", "64", "--write-workers", "1", "--json",
+               "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
+               "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, [r["log"] for r in out["runs"]]
+    assert out["beton_write_s"] > 0 and out["epochs"] == 1
+    assert [r["path"] for r in out["runs"]] == ["ours", "timm"]
+    summary = {r["path"]: r for r in out["summary"]}
+    assert set(summary) == {"ours", "timm", "ours/timm", "ours/(timm-import)"}
+    for path in ("ours", "timm"):
+        row = summary[path]
+        assert 0 <= row["top_1"] <= 100 and row["wall_s"] > 0 and row["cpu_s"] > 0, row
+        assert row["steady_img_s"] > 0 and row["startup_s"] is not None, row
+        assert 0 < row["ffcv_import_s"] < row["startup_s"], row  # measured in the child, part of start-up
+    assert summary["ours/(timm-import)"]["wall_s"] > summary["ours/timm"]["wall_s"]
+    # --jit-cache warm (the default): an untimed ours run filled the cache; the timed one loaded it
+    assert out["jit_cache"] == "warm" and out["jit_prime_s"] > 0
+    ours = out["runs"][0]
+    assert ours["jit_compiled"] == 0 and ours["jit_loaded"] > 0, ours
+    assert (tmp_path / "betons" / "runs" / "ours_jit_prime" / "final.json").is_file()
+
+
+def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp_path, capsys):
+    """--sweep with --cpu-slots 2: ours = the paired command as --pair-part 1/2 and 2/2; timm = its
+    runs one after the other, and again two at a time; every config ends with a top-1 in each row."""
+    import json
+
+    from fastvit_reduce.bench.e2e import main
+    configs = [f"rn_configs/sample/{n}.yaml" for n in ("baseline", "thin", "grouped")]
+    rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
+               "--beton-dir", str(tmp_path / "betons"), "--config", "rn_configs/sample/base.yaml", "--quick",
+               "--max-res", "64", "--write-workers", "1", "--json", "--sweep", *configs, "--cpu-slots", "2",
+               "--jit-cache", "cold",
+               "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
+               "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1",
+               "--set", f"model.num_classes={CLASSES}"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, out["runs"]
+    assert [r["path"] for r in out["runs"]] == ["ours", "timm", "timm x2"]
+    assert set(out["ratio"]) == {"ours/timm", "ours/timm x2", "ours/(timm-import)"} and out["cpu_slots"] == 2
+    timm_row = [r for r in out["runs"] if r["path"] == "timm"][0]
+    assert timm_row["ffcv_import_s"] > 0  # the three timm runs' imports, summed
+    # --jit-cache cold: ours' two processes started from an empty cache and compiled
+    ours_row = out["runs"][0]
+    assert out["jit_cache"] == "cold" and out["jit_prime_s"] is None
+    assert all(ours_row["jit_cache"][st]["compiled"] > 0 for st in ("baseline", "thin", "grouped"))
+    assert out["ratio"]["ours/(timm-import)"]["wall_s"] > out["ratio"]["ours/timm"]["wall_s"]
+    for row in out["runs"]:
+        assert set(row["top_1"]) == {"baseline", "thin", "grouped"}
+        assert all(0 <= t <= 100 for t in row["top_1"].values()), row
+    logs = sorted((tmp_path / "betons" / "runs" / "ours_sweep_r0").glob("part*.out"))
+    assert [p.name for p in logs] == ["part1.out", "part2.out"]
+    params = json.loads((tmp_path / "betons" / "runs" / "ours_sweep_r0" / "thin" / "params.json").read_text())
+    assert "--pair-part=2/2" in params["argv"] and params["pair"]["variants"] == ["baseline", "thin", "grouped"]
+
+
+# ----------------------------------------------------------------------------- bench eval
+CONFIG = """\
+base: {base}
+data: {{train_dataset: {train}, val_dataset: {val}, num_workers: 1, batches_ahead: 1, rrc_scale: [0.25, 1.0]}}
+resolution: {{min_res: 32, max_res: 32, step: 8}}
+model: {{arch: test_vit, num_classes: 4, img_size: 32, patch_size: 8}}
+augment: {{randaugment: '', mixup: 0, cutmix: 0, reprob: 0, aug_repeats: 1}}
+training: {{epochs: 1, batch_size: 8, global_batch: 0, amp: 'off', device: cpu, channels_last: 0}}
+lr: {{warmup_epochs: 0.25}}
+ema: {{decay: 0.9}}
+validation: {{batch_size: 16}}
+logging: {{folder: {runs}, experiment: tiny, progress: 0}}
+"""
+
+
+def run_cli(*args, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_eval")
+    build_sample(root / "sample", num_classes=4, train_per_class=8, val_per_class=6, min_size=64, max_size=96)
+    for split in ("train", "val"):
+        write_split(str(root / "sample"), split, str(root / f"{split}.beton"), max_resolution=96, num_workers=1)
+    cfg = root / "tiny.yaml"
+    cfg.write_text(CONFIG.format(base=REPO / "rn_configs" / "base.yaml", train=root / "train.beton",
+                                 val=root / "val.beton", runs=root / "runs"))
+    proc = run_cli("train.py", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
+
+
+def test_same_weights_through_both_val_pipelines(trained):
+    run = trained / "runs" / "tiny"
+    proc = run_cli("-m", "fastvit_reduce.cli", "bench", "eval", str(run), "--val-dir",
+                   str(trained / "sample" / "val"), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(proc.stdout)
+    final = json.loads((run / "final.json").read_text())
+    assert row["images"] == 4 * 6 and row["weights"] == "ema"
+    # our column is the trainer's own evaluation of the same EMA weights, to the image
+    assert row["ours_top_1"] == pytest.approx(final["final_ema_top_1"], abs=1e-3)
+    assert 0 <= row["timm_top_1"] <= 100
+    assert row["difference"] == pytest.approx(row["ours_top_1"] - row["timm_top_1"])
+    raw = run_cli("-m", "fastvit_reduce.cli", "bench", "eval", str(run), "--val-dir",
+                  str(trained / "sample" / "val"), "--weights", "raw", "--json")
+    assert json.loads(raw.stdout)[0]["ours_top_1"] == pytest.approx(final["raw_final_top_1"], abs=1e-3)
+
+
+def test_bad_inputs_are_named(trained, tmp_path):
+    val = str(trained / "sample" / "val")
+    proc = run_cli("-m", "fastvit_reduce.cli", "bench", "eval", str(tmp_path), "--val-dir", val)
+    assert proc.returncode == 2 and "no params.json" in proc.stderr
+    other = tmp_path / "val"  # same images, one class folder renamed: labels would not match
+    for cls in sorted((trained / "sample" / "val").iterdir()):
+        (other / cls.name.replace(cls.name[0], "z", 1)).mkdir(parents=True)
+        for f in cls.iterdir():
+            (other / cls.name.replace(cls.name[0], "z", 1) / f.name).symlink_to(f)
+    proc = run_cli("-m", "fastvit_reduce.cli", "bench", "eval", str(trained / "runs" / "tiny"), "--val-dir", str(other))
+    assert proc.returncode == 2 and "labels would not match" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- bench gpu
+@pytest.fixture(scope="module")
+def result():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-m", "fastvit_reduce.cli", "bench", "gpu", "--device", "cpu",
+                        "--quick", "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_loader_sections(result):
+    assert result["device"] == "cpu" and result["quick"] is True
+    assert result["loader"]["cpu_img_s"] > 0
+    b = result["bit_exact"]
+    assert b["batches"] == 4 and b["equal_batches"] == 4 and b["bit_exact"] is True
+
+
+def test_augment_and_ema_sections(result):
+    a = result["augment"]
+    assert a["randaugment_ms"] > 0 and a["full_ms"] > 0
+    assert a["randaugment_host_syncs"] is None and a["full_host_syncs"] is None  # n/a on CPU
+    assert result["ema"] == dict(shared=True, moved_fraction=0.5, once=True)
+
+
+def test_step_section(result):
+    rows = result["steps"]
+    assert [(r["strategy"], r["mode"]) for r in rows] == [
+        (s, m) for s in ("baseline", "thin", "shallow", "grouped") for m in ("eager", "compile")]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["img_s"] == pytest.approx(8 / r["step_ms"] * 1e3, rel=1e-2)
+        assert r["mfu"] is None and r["peak_mem_gib"] is None  # no bf16 peak / CUDA memory on CPU
+    assert all(r["vs_baseline"] == 1.0 for r in rows if r["strategy"] == "baseline")
+
+
+def test_sigterm_then_resume_section(result):
+    t = result["train"]
+    assert (t["first_exit"], t["second_exit"], t["completed"], t["ok"]) == (124, 0, True, True)
+    assert 0 <= t["data_wait_frac"] <= 1
+
+
+# ----------------------------------------------------------------------------- bench loader
+def test_bench_ceiling_pool_empty_shard_and_dead_worker(tmp_path):
+    """More workers than images is fine; a worker that dies is an error, not a hang."""
+    from fastvit_reduce.bench.loader import CeilingPool
+
+    pool = CeilingPool(write_beton(tmp_path / "one.beton", n=1, size=24, write_mode="jpg"), res=16, workers=2)
+    try:
+        images, seconds = pool.run_epoch()  # worker 1 has an empty shard
+        assert images == 1 and seconds > 0
+        pool.procs[1].kill()
+        pool.procs[1].join(10)
+        with pytest.raises(RuntimeError, match="ceiling worker 1 exited with code -9"):
+            pool.run_epoch()
+    finally:
+        pool.close()
