@@ -1,5 +1,6 @@
-"""``train.py`` / ``fastvit-reduce train`` in this process (``main``): configuration errors before any
-work, the checks of the inputs, paired runs (K variants step in turn on each batch, decoded and
+"""``train.py`` / ``fastvit-reduce train`` in this process (``main``): one run and what it leaves
+(logs, checkpoints, params, re-runs), a non-finite loss, configuration errors before any work, the
+checks of the inputs, paired runs (K variants step in turn on each batch, decoded and
 augmented once) and bit-identical results for the same command.
 
 In-process runs of the real trainer on tiny .beton files (64 train / 24 val images, 4 classes) with
@@ -15,14 +16,17 @@ every random source of the data path and the model is exercised.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import SEED_AUGMENT, write_beton, write_tiny_config
 from fastvit_reduce import runs
 from fastvit_reduce.config import ConfigError
 from fastvit_reduce.report import load_run, markdown_table
+from fastvit_reduce.runs import FINAL_KEYS
 from fastvit_reduce.train import main
 
 FILES = {"params.json", "log.jsonl", "summary.csv", "final.json", "last.pt", "best.pt", "train.log"}
@@ -32,6 +36,66 @@ FILES = {"params.json", "log.jsonl", "summary.csv", "final.json", "last.pt", "be
 def cfg(tmp_path_factory):
     """The tiny trainer YAML (tests/conftest.py TINY_TRAIN_YAML) and its .beton files."""
     return write_tiny_config(tmp_path_factory.mktemp("train"))
+
+
+# ----------------------------------------------------------------------------- one run
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def final(folder: Path) -> dict:
+    return json.loads((folder / "final.json").read_text())
+
+
+@pytest.mark.usefixtures("no_jit")
+def test_one_process_trains_logs_and_refuses_a_changed_config(cfg, capsys):
+    """The whole run in this process (it was a ``python runner.py`` process: what it checks needs none;
+    tests/e2e/test_train_cli.py starts the processes that get signals)."""
+    argv = ["--logging.experiment=single"]
+    assert main(["--config", cfg, *argv]) == 0
+    run = Path(cfg).parent / "runs" / "single"
+    log = rows(run)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert log[1]["train_loss"] < log[0]["train_loss"]
+    assert all(0 <= r["eval_top1"] <= 100 and 0 <= r["data_wait_frac"] <= 1 and r["train_img_s"] > 0 for r in log)
+    assert len((run / "summary.csv").read_text().splitlines()) == 3  # header + one row per epoch
+    fin = final(run)
+    assert set(FINAL_KEYS) <= set(fin) and fin["completed"] and fin["epochs"] == 2
+    assert fin["params"] == 264_260 and fin["best_top_1"] == max(r["eval_top1"] for r in log)
+    # EMA on: the headline is the EMA's top-1 (as timm), the raw model's sits beside it
+    assert fin["headline"] == "ema" and fin["final_ema_top_1"] == log[-1]["ema_top_1"] == fin["top_1"]
+    assert fin["raw_final_top_1"] == log[-1]["raw_top_1"] is not None
+    assert (run / "summary.csv").read_text().startswith("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr,")
+    params = json.loads((run / "params.json").read_text())
+    assert set(params["versions"]) == {"python", "torch", "timm", "ffcv", "numpy"}
+    assert params["git"]["revision"] and params["world_size"] == 1 and "--logging.experiment=single" in params["argv"]
+    assert params["config"]["training.epochs"] == 2 and params["config"]["model.arch"] == "test_vit"
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["updates"]) == (2, 0, 16)
+    assert torch.load(run / "best.pt", weights_only=True)["top_1"] == fin["best_top_1"]
+    assert "epoch 1:" in (run / "train.log").read_text()
+    assert f"numba cache of the ffcv pipelines: {os.environ['FASTVIT_REDUCE_JIT_CACHE']}" in (run / "train.log").read_text()
+    assert set(fin["jit_cache"]) == {"loaded", "compiled"}
+
+    # re-running a finished run is a no-op; a harmless change is fine; a real change is refused
+    before = (run / "log.jsonl").read_text()
+    assert main(["--config", cfg, *argv, "--data.num_workers=2", "--logging.progress=1"]) == 0
+    assert (run / "log.jsonl").read_text() == before
+    capsys.readouterr()
+    assert main(["--config", cfg, *argv, "--training.epochs=3", "--optim.lr=0.002"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "training.epochs: 2 -> 3" in err and "optim.lr" in err
+
+
+@pytest.mark.usefixtures("no_jit")
+def test_nonfinite_loss_stops_and_keeps_a_finite_checkpoint(cfg, capsys):
+    runs_dir = Path(cfg).parent / "runs"
+    assert main(["--config", cfg, "--logging.experiment=nan", "--optim.lr=1e30", "--lr.warmup_epochs=0",
+                 "--training.max_nonfinite=2", "--logging.every_steps=1"]) == 1
+    assert "non-finite loss for 2 consecutive updates" in capsys.readouterr().err
+    assert final(runs_dir / "nan")["exit_reason"].startswith("non-finite loss")
+    state = torch.load(runs_dir / "nan" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -100,10 +164,6 @@ def pairs(tmp_path_factory):
     (d / "thin.yaml").write_text(f"base: {base}\nreduction: {{strategy: thin, mlp_ratio: 2.0}}\n")
     (d / "grouped.yaml").write_text(f"base: {base}\nreduction: {{strategy: grouped}}\nema: {{decay: 0.5}}\n")
     return d
-
-
-def final(folder: Path) -> dict:
-    return json.loads((folder / "final.json").read_text())
 
 
 @pytest.mark.usefixtures("no_jit")
