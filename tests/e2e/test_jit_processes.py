@@ -2,20 +2,31 @@
 
 The cache must change nothing but time: the same pixels cold, warm, off, from a damaged cache and
 without a usable folder. Each case runs in a fresh process, as a run of a sweep would.
+
+A cold process spends ~10 s compiling, so the module's processes run once, in one fixture, and the
+tests read their results: one ``off`` run, one cold run whose cache the warm run loads (a copy of
+it is then damaged), one run without a usable folder, and the two cold processes that start at once
+on one empty cache. Independent processes run side by side, at most two of them compiling
+(each compiles on one core).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import fastvit_reduce.data.ffcv_patch  # noqa: F401 — the fast ffcv import, before any ffcv module
 from fastvit_reduce.data import jit
 
+# one process: build the train and val loaders on a JPEG .beton, decode an epoch of each, print
+# a hash of every batch, this process's cache counts, and the cache keys (fingerprints) of two
+# functions (after the counts: a fingerprint neither compiles nor touches the cache)
 EPOCH = """
 import hashlib, json, sys, warnings
 warnings.simplefilter("always")
@@ -31,7 +42,11 @@ h = hashlib.sha256()
 for loader in (tl, vl):
     for x, y in loader:
         h.update(x.contiguous().numpy().tobytes()); h.update(y.numpy().tobytes())
-print(json.dumps({"hash": h.hexdigest(), **jit.stats()}))
+stats = jit.stats()
+from fastvit_reduce.data import decoders as D; import numba
+d = D.SeededRandomResizedCropDecoder((32, 32))
+prints = [jit.fingerprint(numba.njit(D._flip_in_place)), jit.fingerprint(numba.njit(jit.imdecode))]
+print(json.dumps({"hash": h.hexdigest(), **stats, "fingerprints": prints}))
 """
 
 
@@ -43,19 +58,46 @@ def jpeg_betons(tmp_path_factory):
             write_beton(folder / "val.beton", n=16, seed=1, write_mode="jpg"))
 
 
-def decode_epoch(betons, cache) -> tuple[dict, str]:
+def start_epoch(betons, cache) -> subprocess.Popen:
     env = {**os.environ, jit.CACHE_ENV: str(cache)}
-    out = subprocess.run([sys.executable, "-c", EPOCH, *betons], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+    return subprocess.Popen([sys.executable, "-c", EPOCH, *betons], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_cold_then_warm_loads_every_pipeline_and_decodes_the_same_pixels(jpeg_betons, tmp_path):
-    cache = tmp_path / "cache"
-    off, _ = decode_epoch(jpeg_betons, "off")
-    cold, _ = decode_epoch(jpeg_betons, cache)
-    warm, stderr = decode_epoch(jpeg_betons, cache)
+def result(proc: subprocess.Popen) -> tuple[dict, str]:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def decode_epochs(betons, *caches) -> list[tuple[dict, str]]:
+    """One fresh process per cache folder, all at once; each (its JSON line, its stderr)."""
+    return [result(p) for p in [start_epoch(betons, cache) for cache in caches]]
+
+
+@pytest.fixture(scope="module")
+def runs(jpeg_betons, tmp_path_factory):
+    """Every process of the module, two at a time where they are independent."""
+    root = tmp_path_factory.mktemp("jit_caches")
+    r = SimpleNamespace(cache=root / "cache", two=root / "two", damaged_cache=root / "damaged",
+                        blocker=root / "a_file")
+    (r.off, _), (r.cold, _) = decode_epochs(jpeg_betons, "off", r.cache)
+    # two ranks (or two sweep slots) starting together on an empty cache
+    r.both = decode_epochs(jpeg_betons, r.two, r.two)
+    shutil.copytree(r.cache, r.damaged_cache)  # the cold run's files, to damage
+    r.damaged_files = [p for p in r.damaged_cache.rglob("*") if p.suffix in (".nbi", ".nbc")]
+    for p in r.damaged_files:  # a half-written disk, or another tool's files
+        p.write_bytes(p.read_bytes()[:7])
+    r.blocker.write_text("not a folder")
+    # two loads (warm, third) and two compiles (a folder that cannot be created, the damaged copy)
+    (r.warm, r.warm_err), (r.third, r.third_err), (r.unusable, r.unusable_err), (r.again, r.again_err) = \
+        decode_epochs(jpeg_betons, r.cache, r.two, r.blocker / "cache", r.damaged_cache)
+    (r.healed, r.healed_err), = decode_epochs(jpeg_betons, r.damaged_cache)  # rewritten: loads again
+    return r
+
+
+def test_cold_then_warm_loads_every_pipeline_and_decodes_the_same_pixels(runs):
+    off, cold, warm, stderr = runs.off, runs.cold, runs.warm, runs.warm_err
     assert off["loaded"] == off["compiled"] == 0  # no cache at all
     # cold: the train pipeline compiles, with the functions it calls (libffcv bindings, crop, flip);
     # the val loader loads what it shares with train and compiles its own decoder.
@@ -66,59 +108,41 @@ def test_cold_then_warm_loads_every_pipeline_and_decodes_the_same_pixels(jpeg_be
     assert "Cannot cache" not in stderr and "not loaded" not in stderr
 
 
-def test_two_cold_processes_at_once_fill_one_cache(jpeg_betons, tmp_path):
+def test_two_cold_processes_at_once_fill_one_cache(runs):
     """Two ranks (or two sweep slots) starting together on an empty cache: both compile and write
     the same entries; numba renames each finished file into place, so a third process loads all."""
-    cache = tmp_path / "cache"
-    env = {**os.environ, jit.CACHE_ENV: str(cache)}
-    procs = [subprocess.Popen([sys.executable, "-c", EPOCH, *jpeg_betons], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    hashes = {json.loads(out.strip().splitlines()[-1])["hash"] for out, _ in outs}
-    third, stderr = decode_epoch(jpeg_betons, cache)
+    hashes = {out["hash"] for out, _ in runs.both}
+    third = runs.third
     assert hashes == {third["hash"]} and third["compiled"] == 0 and third["loaded"] == 6
-    assert not list(cache.rglob("*.tmp.*"))  # no half-written file left behind
+    assert not list(runs.two.rglob("*.tmp.*"))  # no half-written file left behind
 
 
-def test_damaged_cache_files_are_recompiled_with_a_warning(jpeg_betons, tmp_path):
-    cache = tmp_path / "cache"
-    good, _ = decode_epoch(jpeg_betons, cache)
-    files = [p for p in cache.rglob("*") if p.suffix in (".nbi", ".nbc")]
-    assert files
-    for p in files:  # a half-written disk, or another tool's files
-        p.write_bytes(p.read_bytes()[:7])
-    again, stderr = decode_epoch(jpeg_betons, cache)
+def test_damaged_cache_files_are_recompiled_with_a_warning(runs):
+    good = runs.cold
+    assert runs.damaged_files
+    again, stderr = runs.again, runs.again_err
     assert again["hash"] == good["hash"]
     assert again["compiled"] >= 1 and "not loaded" in stderr
-    healed, stderr = decode_epoch(jpeg_betons, cache)  # rewritten: loads again
+    healed, stderr = runs.healed, runs.healed_err
     assert healed["hash"] == good["hash"] and healed["compiled"] == 0 and healed["loaded"] == 6
     assert "not loaded" not in stderr
 
 
-def test_unusable_cache_folder_warns_and_compiles(jpeg_betons, tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    off, _ = decode_epoch(jpeg_betons, "off")
-    run, stderr = decode_epoch(jpeg_betons, blocker / "cache")  # cannot be created
+def test_unusable_cache_folder_warns_and_compiles(runs):
+    off, run, stderr = runs.off, runs.unusable, runs.unusable_err
     assert run["hash"] == off["hash"] and run["loaded"] == run["compiled"] == 0
     assert "is not usable" in stderr
 
 
-def test_fingerprint_is_the_same_in_another_process():
-    code = ("from fastvit_reduce.data import jit, decoders as L; import numba;"
-            "d = L.SeededRandomResizedCropDecoder((32, 32));"
-            "print(jit.fingerprint(numba.njit(L._flip_in_place)), jit.fingerprint(numba.njit(jit.imdecode)))")
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-            for _ in range(2)]
-    assert runs[0].returncode == 0, runs[0].stderr
-    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.split()) == 2
+def test_fingerprint_is_the_same_in_another_process(runs):
+    """The cache keys of a closure-free function and of a libffcv binding, from two processes
+    (the cold and the warm run)."""
+    prints = [runs.cold["fingerprints"], runs.warm["fingerprints"]]
+    assert prints[0] == prints[1] and len(prints[0]) == 2
 
 
-def test_decoder_cache_files_live_in_the_cache_folder_only(jpeg_betons, tmp_path):
-    cache = tmp_path / "cache"
-    decode_epoch(jpeg_betons, cache)
-    names = {p.name.split("-")[0] for p in cache.rglob("*.nbi")}
+def test_decoder_cache_files_live_in_the_cache_folder_only(runs):
+    names = {p.name.split("-")[0] for p in runs.cache.rglob("*.nbi")}
     assert {"decoders.SeededRandomResizedCropDecoder.generate_code.locals.decode",
             "decoders.TimmCenterCropDecoder.generate_code.locals.decode",
             "os_cache.OSCacheManager.compile_reader.locals.read"} <= names
