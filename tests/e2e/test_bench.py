@@ -29,6 +29,37 @@ REPO = Path(__file__).resolve().parents[2]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, BATCH = 4, 6, 2, 8
 
 
+# ----------------------------------------------------------------------------- bench gpu (started first: runs beside the rest)
+@pytest.fixture(scope="module", autouse=True)
+def gpu_run(request, tmp_path_factory):
+    """``bench gpu --device cpu --quick --json``, started with the module when its tests are
+    selected: one process (~30 s, one core for the most part) that the tests only read, so it runs
+    beside the bench e2e and bench eval tests, which mostly wait on one child at a time. No test
+    here asserts a time; output goes to files (a full pipe would stall it)."""
+    if not any("result" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("bench_gpu")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
+        p = subprocess.Popen([sys.executable, "-m", "fastvit_reduce.cli", "bench", "gpu", "--device", "cpu",
+                              "--quick", "--json"], cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
+    p.out = out
+    yield p
+    if p.poll() is None:  # a test failed before reading it
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def result(gpu_run):
+    p = gpu_run
+    p.wait(timeout=600)
+    stdout, stderr = (p.out / "stdout").read_text(), (p.out / "stderr").read_text()
+    assert p.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------- bench e2e
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -65,43 +96,6 @@ def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
     ours = out["runs"][0]
     assert ours["jit_compiled"] == 0 and ours["jit_loaded"] > 0, ours
     assert (tmp_path / "betons" / "runs" / "ours_jit_prime" / "final.json").is_file()
-
-
-def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp_path, capsys):
-    """--sweep with --cpu-slots 2: ours = the paired command as --pair-part 1/2 and 2/2; timm = its
-    runs one after the other, and again two at a time; every config ends with a top-1 in each row.
-    Two configs, not three: each row still needs two processes (ours' two parts, timm's two runs in
-    a row and two at a time), which is what is checked; a part holding two variants of the pair is
-    checked by tests/test_train.py (--pair-part) and tests/test_sweep.py (--cpu-slots --paired)."""
-    import json
-
-    from fastvit_reduce.bench.e2e import main
-    configs = [f"rn_configs/sample/{n}.yaml" for n in ("baseline", "thin")]
-    rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
-               "--beton-dir", str(tmp_path / "betons"), "--config", "rn_configs/sample/base.yaml", "--quick",
-               "--max-res", "64", "--write-workers", "1", "--json", "--sweep", *configs, "--cpu-slots", "2",
-               "--jit-cache", "cold",
-               "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
-               "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1",
-               "--set", f"model.num_classes={CLASSES}"])
-    out = json.loads(capsys.readouterr().out)
-    assert rc == 0, out["runs"]
-    assert [r["path"] for r in out["runs"]] == ["ours", "timm", "timm x2"]
-    assert set(out["ratio"]) == {"ours/timm", "ours/timm x2", "ours/(timm-import)"} and out["cpu_slots"] == 2
-    timm_row = [r for r in out["runs"] if r["path"] == "timm"][0]
-    assert timm_row["ffcv_import_s"] > 0  # the two timm runs' imports, summed
-    # --jit-cache cold: ours' two processes started from an empty cache and compiled
-    ours_row = out["runs"][0]
-    assert out["jit_cache"] == "cold" and out["jit_prime_s"] is None
-    assert all(ours_row["jit_cache"][st]["compiled"] > 0 for st in ("baseline", "thin"))
-    assert out["ratio"]["ours/(timm-import)"]["wall_s"] > out["ratio"]["ours/timm"]["wall_s"]
-    for row in out["runs"]:
-        assert set(row["top_1"]) == {"baseline", "thin"}
-        assert all(0 <= t <= 100 for t in row["top_1"].values()), row
-    logs = sorted((tmp_path / "betons" / "runs" / "ours_sweep_r0").glob("part*.out"))
-    assert [p.name for p in logs] == ["part1.out", "part2.out"]
-    params = json.loads((tmp_path / "betons" / "runs" / "ours_sweep_r0" / "thin" / "params.json").read_text())
-    assert "--pair-part=2/2" in params["argv"] and params["pair"]["variants"] == ["baseline", "thin"]
 
 
 # ----------------------------------------------------------------------------- bench eval
@@ -182,17 +176,7 @@ def test_bad_inputs_are_named(trained, tmp_path, capsys):
     assert proc.returncode == 2 and "labels would not match" in proc.stderr
 
 
-# ----------------------------------------------------------------------------- bench gpu
-@pytest.fixture(scope="module")
-def result():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, "-m", "fastvit_reduce.cli", "bench", "gpu", "--device", "cpu",
-                        "--quick", "--json"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
+# ----------------------------------------------------------------------------- bench gpu: its sections
 def test_loader_sections(result):
     assert result["device"] == "cpu" and result["quick"] is True
     assert result["loader"]["cpu_img_s"] > 0
@@ -221,6 +205,44 @@ def test_sigterm_then_resume_section(result):
     t = result["train"]
     assert (t["first_exit"], t["second_exit"], t["completed"], t["ok"]) == (124, 0, True, True)
     assert 0 <= t["data_wait_frac"] <= 1
+
+
+# ----------------------------------------------------------------------------- bench e2e --sweep
+def test_sweep_with_cpu_slots_splits_ours_and_runs_timm_side_by_side(folder, tmp_path, capsys):
+    """--sweep with --cpu-slots 2: ours = the paired command as --pair-part 1/2 and 2/2; timm = its
+    runs one after the other, and again two at a time; every config ends with a top-1 in each row.
+    Two configs, not three: each row still needs two processes (ours' two parts, timm's two runs in
+    a row and two at a time), which is what is checked; a part holding two variants of the pair is
+    checked by tests/test_train.py (--pair-part) and tests/test_sweep.py (--cpu-slots --paired)."""
+    import json
+
+    from fastvit_reduce.bench.e2e import main
+    configs = [f"rn_configs/sample/{n}.yaml" for n in ("baseline", "thin")]
+    rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
+               "--beton-dir", str(tmp_path / "betons"), "--config", "rn_configs/sample/base.yaml", "--quick",
+               "--max-res", "64", "--write-workers", "1", "--json", "--sweep", *configs, "--cpu-slots", "2",
+               "--jit-cache", "cold",
+               "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
+               "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1",
+               "--set", f"model.num_classes={CLASSES}"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, out["runs"]
+    assert [r["path"] for r in out["runs"]] == ["ours", "timm", "timm x2"]
+    assert set(out["ratio"]) == {"ours/timm", "ours/timm x2", "ours/(timm-import)"} and out["cpu_slots"] == 2
+    timm_row = [r for r in out["runs"] if r["path"] == "timm"][0]
+    assert timm_row["ffcv_import_s"] > 0  # the two timm runs' imports, summed
+    # --jit-cache cold: ours' two processes started from an empty cache and compiled
+    ours_row = out["runs"][0]
+    assert out["jit_cache"] == "cold" and out["jit_prime_s"] is None
+    assert all(ours_row["jit_cache"][st]["compiled"] > 0 for st in ("baseline", "thin"))
+    assert out["ratio"]["ours/(timm-import)"]["wall_s"] > out["ratio"]["ours/timm"]["wall_s"]
+    for row in out["runs"]:
+        assert set(row["top_1"]) == {"baseline", "thin"}
+        assert all(0 <= t <= 100 for t in row["top_1"].values()), row
+    logs = sorted((tmp_path / "betons" / "runs" / "ours_sweep_r0").glob("part*.out"))
+    assert [p.name for p in logs] == ["part1.out", "part2.out"]
+    params = json.loads((tmp_path / "betons" / "runs" / "ours_sweep_r0" / "thin" / "params.json").read_text())
+    assert "--pair-part=2/2" in params["argv"] and params["pair"]["variants"] == ["baseline", "thin"]
 
 
 # ----------------------------------------------------------------------------- bench loader
