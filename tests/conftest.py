@@ -4,7 +4,8 @@ tiny ViT recipe.
 Layout: ``tests/test_<module>.py`` tests ``fastvit_reduce/.../<module>.py`` in this process (or with
 small helper processes); ``tests/e2e/`` holds the tests that start the real commands as processes
 (trainer, torchrun, sweep, bench, the numba cache across processes). Tests there are marked ``e2e``
-and run after the rest; ``scripts/test.sh --quick`` leaves out ``e2e`` and ``slow``."""
+and run after the rest; ``scripts/test.sh --quick`` leaves out ``e2e`` and ``slow`` (a test that
+starts a fresh interpreter, seconds of imports, or trains many times)."""
 from __future__ import annotations
 
 import os
@@ -22,7 +23,8 @@ _JIT_CACHE = "FASTVIT_REDUCE_JIT_CACHE"
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts the real commands as processes (tests/e2e/); "
                                        "scripts/test.sh --quick leaves these out")
-    config.addinivalue_line("markers", "slow: left out by scripts/test.sh --quick")
+    config.addinivalue_line("markers", "slow: a fresh interpreter (seconds of imports) or many training runs "
+                                        "in one test; left out by scripts/test.sh --quick")
     _session_jit_cache(config)
 
 

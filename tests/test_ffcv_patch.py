@@ -4,7 +4,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # a fresh interpreter that imports ffcv (and torch)
 def test_ffcv_import_uses_a_plain_dict_for_image_modes_and_restores_numba():
     code = ("import time; t = time.perf_counter(); import fastvit_reduce.data.ffcv_patch;"
             "from ffcv.fields.rgb_image import IMAGE_MODES; import numba.typed as t2;"

@@ -282,6 +282,7 @@ def test_decode_thread_runs_torch_on_one_thread_and_leaves_the_consumers_count(b
     assert seen and set(seen) == {1}
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch and ffcv
 def test_a_fresh_consumer_keeps_its_thread_count_after_an_epoch(beton):
     """torch fixes a thread's count on its first use, from the last count set anywhere; the decode
     thread sets 1, so iterating must fix the consumer's count first. A fresh process: the test

@@ -27,6 +27,7 @@ CFG = {"model.arch": NAME, "model.img_size": 32, "model.patch_size": 8, "model.n
        "model.drop_path": 0.0}
 
 
+@pytest.mark.slow  # a fresh interpreter that imports timm
 def test_package_import_is_light_and_registers_the_seed_name_when_timm_arrives():
     code = ("import sys, fastvit_reduce\n"
             "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'package import loaded torch'\n"

@@ -260,6 +260,7 @@ def losses(cfg, name):
     return [r["train_loss"] for r in runs.RunFolder(cfg.rsplit("/", 1)[0] + "/runs/" + name).read_rows()]
 
 
+@pytest.mark.slow  # 8 training runs
 @pytest.mark.usefixtures("no_jit")
 def test_same_seed_twice_and_other_loader_settings_give_bit_identical_weights(cfg, capsys):
     a = run(cfg, "a")
