@@ -35,9 +35,13 @@ if ! bash scripts/wheelhouse.sh --no-torch --only "ffcv==1.0.2 pillow $TORCH_DEP
     tail -c 3000 "$LOG" >&2
     fail "scripts/wheelhouse.sh exited non-zero (log above)"
 fi
-# the project itself (its wheel: setuptools' deprecation chatter goes to the log)
+# the project itself (its wheel: setuptools' deprecation chatter goes to the log); the in-tree
+# build leaves build/ and *.egg-info: removed again unless they were there before
+leftovers=()
+for d in build fastvit_reduce.egg-info; do [ -e "$d" ] || leftovers+=("$ROOT/$d"); done
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WH" "$ROOT" >>"$LOG" 2>&1 ||
     { tail -c 3000 "$LOG" >&2; fail "pip wheel of the project (log above)"; }
+rm -rf ${leftovers[@]+"${leftovers[@]}"}
 "$PY" - "$WH" "$LOG" <<'PYEOF'
 import sys, zipfile
 from pathlib import Path
