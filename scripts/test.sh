@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the test suite on CPU. Extra arguments go to pytest.
+#   scripts/test.sh                        the whole suite (tests/), slowest tests listed at the end
+#   scripts/test.sh --quick                the inner loop: all but tests/e2e/ (the real-process
+#                                          tests) and tests marked slow
+#   scripts/test.sh [--quick] tests/test_recipe.py -k lr ...   those paths / pytest options only
 # Exits non-zero on any failure, and also when no test ran (pytest's exit code 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,10 +13,19 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # 0.92x the default step on the demo's test_vit (docs/results/speed.md). Training itself
 # leaves the policy unset: PASSIVE slowed ViT-Ti/ViT-S steps 1.09-1.12x.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-[ $# -gt 0 ] || set -- tests   # default: the whole suite; otherwise the files/flags given
+quick=()
+args=()
+for a in "$@"; do
+    if [ "$a" = "--quick" ]; then
+        quick=(-m "not e2e and not slow")  # e2e: everything under tests/e2e/ (tests/conftest.py)
+    else
+        args+=("$a")
+    fi
+done
+[ ${#args[@]} -gt 0 ] || args=(tests)   # default: the whole suite; otherwise the files/flags given
 start=$(date +%s)
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 ${quick[@]+"${quick[@]}"} "${args[@]}"
 rc=$?
 set -e
 echo "test.sh: pytest exit code $rc after $(( $(date +%s) - start )) s"

@@ -1,5 +1,11 @@
 """Shared test fixtures: tiny synthetic ``.beton`` files (``fastvit_reduce.data.synthetic``) and a
-tiny ViT recipe."""
+tiny ViT recipe.
+
+Layout: ``tests/test_<module>.py`` tests ``fastvit_reduce/.../<module>.py`` in this process (or with
+small helper processes); ``tests/e2e/`` holds the tests that start the real commands as processes
+(trainer, torchrun, sweep, bench, the numba cache across processes). Tests there are marked ``e2e``
+and run after the rest; ``scripts/test.sh --quick`` leaves out ``e2e`` and ``slow`` (a test that
+starts a fresh interpreter, seconds of imports, or trains many times)."""
 from __future__ import annotations
 
 import os
@@ -15,6 +21,24 @@ _JIT_CACHE = "FASTVIT_REDUCE_JIT_CACHE"
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: starts the real commands as processes (tests/e2e/); "
+                                       "scripts/test.sh --quick leaves these out")
+    config.addinivalue_line("markers", "slow: a fresh interpreter (seconds of imports) or many training runs "
+                                        "in one test; left out by scripts/test.sh --quick")
+    _session_jit_cache(config)
+
+
+@pytest.hookimpl(tryfirst=True)  # why: before pytest's own -m deselection sees the items
+def pytest_collection_modifyitems(config, items):
+    """Mark everything under tests/e2e/ ``e2e`` and run it last (the in-process tests fail faster)."""
+    e2e = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e") + os.sep
+    for item in items:
+        if str(item.path).startswith(e2e):
+            item.add_marker(pytest.mark.e2e)
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)  # stable: file order kept
+
+
+def _session_jit_cache(config):
     """One numba cache for the session, inherited by every trainer the tests start: the first
     process compiles the ffcv pipelines, the others load them (``fastvit_reduce.data.jit``), and
     the user's ``~/.cache`` is left alone. An explicit ``FASTVIT_REDUCE_JIT_CACHE`` is kept."""

@@ -59,3 +59,15 @@ def test_host_syncs_section_counts_none_for_paired_bf16_and_fp16(tmp_path):
     gpu_check.section_host_syncs(args, out, tmp_path)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["amp"], r["host_syncs_per_step"], r["ok"]) for r in rows] == [("bf16", 0.0, True), ("fp16", 0.0, True)]
+
+
+def test_step_section_measures_our_step_per_strategy_and_precision(tmp_path):
+    out = tmp_path / "gpu_check.jsonl"
+    args = gpu_check.parse(["--out", str(tmp_path), "--device", "cpu"])
+    args.sizes.update(compiled=set(), steps=1, warmup=1)  # eager only here: tests/test_cuda_paths.py compiles
+    args.sizes["models"] = dict(list(args.sizes["models"].items())[:1])
+    gpu_check.section_step(args, out, tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["strategy"], r["amp"]) for r in rows] == [(s, a) for a in ("bf16", "fp16") for s in gpu_check.STRATEGIES]
+    assert all(r["ok"] and r["ms"] > 0 and r["mfu"] is None and r["peak_mem_gib"] is None for r in rows)
+    assert rows[0]["params"] > rows[1]["params"]  # baseline, then thin

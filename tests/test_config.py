@@ -1,4 +1,4 @@
-"""The strict config layer: unknown keys, 0/1 flags, ranges, base files, precedence."""
+"""fastvit_reduce.config, the strict config layer: unknown keys, 0/1 flags, ranges, base files, precedence."""
 import pytest
 from fastargs import Param, Section, get_current_config
 

@@ -1,4 +1,4 @@
-"""ModelEma: each distinct tensor moves once per update, even when grouped blocks share it."""
+"""fastvit_reduce.ema.ModelEma: each distinct tensor moves once per update, even when grouped blocks share it."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""``fastvit-reduce info`` and ``bench strategies`` on the tiny ViT, through the real CLI dispatcher."""
+"""fastvit_reduce.info (``fastvit-reduce info``) on the tiny ViT, through the real CLI dispatcher."""
 from __future__ import annotations
 
 import json
@@ -50,17 +50,6 @@ def test_info_bad_input_is_one_error_line(capsys):
         assert cli(["info", *TINY_ARGS, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message)
-
-
-def test_bench_strategies_json(capsys):
-    argv = ["bench", "strategies", *TINY_ARGS, "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json"]
-    assert cli(argv) == 0
-    rows = json_lines(capsys)
-    assert [r["strategy"] for r in rows] == ["baseline", "thin", "shallow", "grouped"]
-    assert all(set(r) == {"strategy", "step_ms", "step_ratio", "flop_ratio", "model", "img_size", "batch_size"}
-               for r in rows)
-    assert rows[0]["step_ratio"] == rows[0]["flop_ratio"] == 1.0 and rows[3]["flop_ratio"] == 1.0
-    assert rows[1]["flop_ratio"] < 1 and all(r["step_ms"] > 0 and r["batch_size"] == 2 for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,4 +1,4 @@
-"""models.py: the seed's timm name, pretrained files, and model_from_cfg (CPU, seconds).
+"""fastvit_reduce.models: the seed's timm name, pretrained files, and model_from_cfg (CPU, seconds).
 
 Tiny ViT (tests/conftest.py TINY_VIT): embed 64, depth 4, MLP hidden 256, 32 px / patch 8, 4 classes.
 """
@@ -27,6 +27,7 @@ CFG = {"model.arch": NAME, "model.img_size": 32, "model.patch_size": 8, "model.n
        "model.drop_path": 0.0}
 
 
+@pytest.mark.slow  # a fresh interpreter that imports timm
 def test_package_import_is_light_and_registers_the_seed_name_when_timm_arrives():
     code = ("import sys, fastvit_reduce\n"
             "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'package import loaded torch'\n"
@@ -141,3 +142,16 @@ def test_model_from_cfg_accepts_the_seed_arch():
     load_config(["--model.arch", DG, "--model.img_size=32", "--model.patch_size=8", "--model.num_classes=4",
                  "--model.drop_path=0"], ["model", "reduction"])
     assert mlp_stats(model_from_cfg(resolved(["model", "reduction"]), **SHAPE))["unique_mlps"] == 2
+
+
+def test_model_from_cfg_reads_the_config():
+    overrides = ["--model.arch", NAME, "--model.img_size=32", "--model.patch_size=8", "--model.num_classes=4",
+                 "--model.drop_path=0"]
+    tiny_kw = dict(embed_dim=64, depth=4, num_heads=2)
+    load_config(overrides + ["--reduction.strategy=grouped", "--reduction.group_size=4"], ["model", "reduction"])
+    assert mlp_stats(model_from_cfg(resolved(["model", "reduction"]), **tiny_kw))["unique_mlps"] == 1
+    load_config(overrides + ["--reduction.strategy=thin", "--reduction.scale=1.0"], ["model", "reduction"])
+    with pytest.raises(ConfigError, match=r"'reduction.scale' is a knob of grouped, but reduction.strategy is 'thin'"):
+        model_from_cfg(resolved(["model", "reduction"]), **tiny_kw)
+    with pytest.raises(ConfigError, match="reduction.keep_ratio"):
+        load_config(overrides + ["--reduction.keep_ratio=2"], ["model", "reduction"])

@@ -1,4 +1,4 @@
-"""BatchRandAugment against timm's PIL RandAugment, op by op, on real photos.
+"""fastvit_reduce.augment.randaugment: BatchRandAugment against timm's PIL RandAugment, op by op, on real photos.
 
 Agreement with timm 1.0.31 + Pillow 13 (mean absolute difference in grey levels per pixel and
 channel, scikit-image's astronaut / coffee / chelsea at half size, magnitude 9 and 4.7, both

@@ -1,4 +1,4 @@
-"""The seed's recipe, exactly, at any process count: a tested seed-flag table.
+"""fastvit_reduce.recipe. The seed's recipe, exactly, at any process count: a tested seed-flag table.
 
 For each of the seed's four commands (parameter-efficient-vit-mlps README: baseline, thin,
 shallow, grouped on ViT-B/16), our matching config resolved at 1, 2 and 8 simulated processes
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fastvit_reduce.config import ConfigError, load_config, resolved
-from fastvit_reduce.recipe import batch_plan
+from fastvit_reduce.recipe import batch_plan, check_resolutions, get_resolution, lr_at
 from fastvit_reduce.settings import SECTIONS
 from fastvit_reduce.train import main
 
@@ -77,3 +77,38 @@ def test_lr_scale_rules():
     assert batch_plan(resolved(SECTIONS), 2)["peak_lr"] == pytest.approx(1e-3)  # DeiT: 5e-4 x 1024/512
     load_config(["--config", str(CONFIGS / "baseline.yaml"), "--lr.scale=sqrt", "--lr.base_batch=256"], SECTIONS)
     assert batch_plan(resolved(SECTIONS), 1)["peak_lr"] == pytest.approx(2e-3)
+
+
+def test_resolutions_must_be_multiples_of_the_patch_size():
+    cfg = {"resolution.min_res": 24, "resolution.max_res": 40, "resolution.start_ramp": 0,
+           "resolution.end_ramp": 4, "resolution.step": 8, "training.epochs": 5,
+           "validation.resolution": 0, "model.img_size": 32}
+    check_resolutions(cfg, (8, 8))  # 24, 32, 40 and val 32: all fit
+    with pytest.raises(ConfigError, match=r"patch size is 16x16.*train resolution 24.*train resolution 40"):
+        check_resolutions(cfg, (16, 16))
+    with pytest.raises(ConfigError, match=r"val resolution 36 \(validation.resolution"):
+        check_resolutions({**cfg, "validation.resolution": 36}, 8)
+
+
+def test_lr_schedule_per_epoch_and_per_update():
+    """timm's semantics (tests/test_timm_parity.py checks them against timm's scheduler itself)."""
+    cfg = {"training.epochs": 10, "lr.step_on": "epoch", "lr.schedule": "cosine", "lr.warmup_epochs": 2,
+           "lr.warmup_lr": 1e-5, "lr.min_lr": 1e-6, "lr.warmup_prefix": 0, "lr.cooldown_epochs": 0,
+           "lr.cycle_mul": 1.0, "lr.cycle_decay": 0.5, "lr.cycle_limit": 1, "lr.k_decay": 1.0}
+    assert lr_at(cfg, 1e-3, 0, 0, 4) == lr_at(cfg, 1e-3, 0, 3, 4) == 1e-5  # the whole epoch 0
+    assert lr_at(cfg, 1e-3, 1, 0, 4) == pytest.approx((1e-5 + 1e-3) / 2)
+    assert lr_at(cfg, 1e-3, 5, 2, 4) == pytest.approx((1e-3 + 1e-6) / 2)  # the cosine counts the warm-up
+    upd = {**cfg, "lr.step_on": "update"}
+    assert lr_at(upd, 1e-3, 0, 0, 4) == 1e-5 and lr_at(upd, 1e-3, 0, 2, 4) == pytest.approx(1e-5 + 2 * (1e-3 - 1e-5) / 8)
+    steps = [lr_at(upd, 1e-3, e, u, 4) for e in range(2, 10) for u in range(4)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))
+    assert lr_at({**cfg, "lr.schedule": "constant", "lr.warmup_epochs": 0}, 1e-3, 7, 0, 4) == 1e-3
+
+
+def test_get_resolution_ramp():
+    got = [get_resolution(e, 160, 224, start_ramp=2, end_ramp=6, step=16) for e in range(9)]
+    assert got == [160, 160, 160, 176, 192, 208, 224, 224, 224]
+    assert get_resolution(3, 160, 224, 2, 6, step=32) == 192  # 176 rounds to a multiple of 32
+    assert get_resolution(5, 224, 224, 0, 0, 16) == 224
+    with pytest.raises(ValueError, match="min_res"):
+        get_resolution(0, 256, 224, 0, 0, 16)

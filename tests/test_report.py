@@ -1,4 +1,4 @@
-"""Sweep report from synthetic run folders (final.json / params.json / log.jsonl as the trainer writes)."""
+"""fastvit_reduce.report: the sweep report from synthetic run folders (final.json / params.json / log.jsonl as the trainer writes)."""
 from __future__ import annotations
 
 import csv

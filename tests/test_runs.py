@@ -13,6 +13,7 @@ import pytest
 from conftest import write_tiny_config
 from fastvit_reduce import runs, trainer
 from fastvit_reduce.config import ConfigError
+from fastvit_reduce.runs import RunFolder
 from fastvit_reduce.train import main
 
 
@@ -109,24 +110,6 @@ def test_config_changes_ignore_harmless_keys():
         runs.check_experiment_name("..")
 
 
-def test_a_truncated_beton_is_refused_before_training(cfg, tmp_path, capsys):
-    train = Path(cfg).parent / "train.beton"
-    cut = tmp_path / "cut.beton"
-    cut.write_bytes(train.read_bytes()[:-100])  # the case that used to hang ffcv's loader forever
-    assert main(["--config", cfg, f"--data.train_dataset={cut}", "--logging.experiment=cut"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and str(cut) in err and "damaged" in err
-
-
-def test_labels_beyond_num_classes_are_refused_without_classes_json(tmp_path, capsys):
-    from conftest import write_beton
-    write_beton(tmp_path / "six.beton", n=12, num_classes=6, size=16)  # labels 0..5, no .classes.json
-    cfg = write_tiny_config(tmp_path)
-    assert main(["--config", cfg, f"--data.train_dataset={tmp_path / 'six.beton'}", "--logging.experiment=x"]) == 2
-    err = capsys.readouterr().err
-    assert "holds labels 0..5, but model.num_classes=4" in err
-
-
 def _fake_run(folder: Path, hashes: list[str], threads: int | None = 1, first_batch: str = "fb0") -> Path:
     """A run folder as the trainer leaves it: log.jsonl rows per epoch and final.json."""
     folder.mkdir(parents=True)
@@ -155,3 +138,9 @@ def test_compare_says_equal_or_names_the_first_differing_epoch_and_why(tmp_path,
     assert not equal and "first batches differ" in text and "torch threads" not in text  # old run: no count
     assert runs.main([str(a), str(tmp_path / "nowhere")]) == 2
     assert "no final.json" in capsys.readouterr().err
+
+
+def test_read_rows_skips_torn_lines(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epo')
+    assert RunFolder(tmp_path).read_rows() == [{"epoch": 0}, {"epoch": 1}]
+    assert RunFolder(tmp_path / "missing").read_rows() == []

@@ -1,4 +1,4 @@
-"""The embedded sample dataset: ImageNet layout, valid JPEGs, byte-identical for a seed."""
+"""fastvit_reduce.sample, the embedded sample dataset: ImageNet layout, valid JPEGs, byte-identical for a seed."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""MLP reduction strategies on a tiny ViT (CPU, seconds), parametrised over the registry.
+"""fastvit_reduce.strategies, the MLP reduction strategies, on a tiny ViT (CPU, seconds), parametrised over the registry.
 
 Tiny ViT (tests/conftest.py TINY_VIT): embed 64, depth 4, MLP hidden 256, 32 px / patch 8
 -> 16 patches + cls = 17 tokens, 4 classes.
@@ -16,8 +16,7 @@ from conftest import TINY_VIT
 from torch.nn.parallel import DistributedDataParallel
 
 from fastvit_reduce import create_model
-from fastvit_reduce.config import ConfigError, load_config, resolved
-from fastvit_reduce.models import gflops, mlp_stats, model_from_cfg, param_count
+from fastvit_reduce.models import gflops, mlp_stats, param_count
 from fastvit_reduce.strategies import STRATEGIES, StrategyError
 
 NAME = TINY_VIT["model_name"]
@@ -239,16 +238,3 @@ def test_vit_b16_exact_figures():
         counts = {s: param_count(create_model("vit_base_patch16_224", s)) for s in expected}
     assert counts == expected
     assert counts["grouped"] == 58_233_064 and counts["thin"] == 58_237_672
-
-
-def test_model_from_cfg_reads_the_config():
-    overrides = ["--model.arch", NAME, "--model.img_size=32", "--model.patch_size=8", "--model.num_classes=4",
-                 "--model.drop_path=0"]
-    tiny_kw = dict(embed_dim=64, depth=4, num_heads=2)
-    load_config(overrides + ["--reduction.strategy=grouped", "--reduction.group_size=4"], ["model", "reduction"])
-    assert mlp_stats(model_from_cfg(resolved(["model", "reduction"]), **tiny_kw))["unique_mlps"] == 1
-    load_config(overrides + ["--reduction.strategy=thin", "--reduction.scale=1.0"], ["model", "reduction"])
-    with pytest.raises(ConfigError, match=r"'reduction.scale' is a knob of grouped, but reduction.strategy is 'thin'"):
-        model_from_cfg(resolved(["model", "reduction"]), **tiny_kw)
-    with pytest.raises(ConfigError, match="reduction.keep_ratio"):
-        load_config(overrides + ["--reduction.keep_ratio=2"], ["model", "reduction"])

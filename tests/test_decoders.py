@@ -1,4 +1,4 @@
-"""Validation pixels against timm's own eval transform.
+"""fastvit_reduce.data.decoders: validation pixels against timm's own eval transform.
 
 Real photos (scikit-image's bundled data images) are written to a raw-mode .beton at
 max_resolution 512, as ImageNet is stored; each is loaded through ``create_val_loader`` at 224 and

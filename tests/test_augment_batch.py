@@ -1,4 +1,4 @@
-"""normalize, BatchAugment (RandAugment → normalise → erasing → Mixup/CutMix), its seeding and
+"""fastvit_reduce.augment.batch: normalize, BatchAugment (RandAugment → normalise → erasing → Mixup/CutMix), its seeding and
 thread safety, and augment_from_cfg."""
 from __future__ import annotations
 

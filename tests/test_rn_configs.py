@@ -1,4 +1,4 @@
-"""Every YAML in rn_configs/ loads through the strict loader; the strategy files say what they are."""
+"""rn_configs/: every YAML loads through the strict loader; the strategy files say what they are."""
 from __future__ import annotations
 
 import re

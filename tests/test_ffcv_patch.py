@@ -1,0 +1,19 @@
+"""fastvit_reduce.data.ffcv_patch: the fast ffcv import, checked in a fresh interpreter."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow  # a fresh interpreter that imports ffcv (and torch)
+def test_ffcv_import_uses_a_plain_dict_for_image_modes_and_restores_numba():
+    code = ("import time; t = time.perf_counter(); import fastvit_reduce.data.ffcv_patch;"
+            "from ffcv.fields.rgb_image import IMAGE_MODES; import numba.typed as t2;"
+            "print(type(IMAGE_MODES).__name__, sorted(IMAGE_MODES.items()), t2.Dict.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(" ", 1)[0] == "dict"
+    assert "[('jpg', 0), ('raw', 1)]" in out.stdout  # ffcv 1.0.2's entries
+    assert out.stdout.strip().endswith("numba.typed.typeddict")
