@@ -10,15 +10,13 @@ dtypes against ffcv's own.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
-from fastvit_reduce.config import ConfigError
+from fastvit_reduce.config import ConfigError, file_problem, read_text
 
 # ffcv 1.0.2's dtypes (ffcv/types.py; little-endian whatever the machine)
 FORMAT_VERSION = 2
@@ -198,16 +196,9 @@ def check_beton(path: str | Path) -> int:
     if not str(path):
         raise ConfigError("no dataset given (empty .beton path)")
     path = Path(path)
-    if path.is_symlink() and not path.exists():
-        try:
-            os.stat(path)
-        except OSError as e:
-            what = "a symbolic link loop" if e.errno == errno.ELOOP else "a symbolic link to nothing"
-            raise ConfigError(f"dataset {path} is {what}") from None
-    if not path.exists():
-        raise ConfigError(f"dataset not found: {path}")
-    if not path.is_file():
-        raise ConfigError(f"dataset {path} is {_what(path)}, not a .beton file")
+    problem = file_problem(path, "dataset")
+    if problem:
+        raise ConfigError(problem)
     try:
         lay = _Layout(path)
     except OSError as e:
@@ -220,14 +211,6 @@ def check_beton(path: str | Path) -> int:
     if lay.num_samples == 0:
         raise ConfigError(f"{path}: holds no samples (an empty .beton)")
     return lay.num_samples
-
-
-def _what(path: Path) -> str:
-    """'a folder', 'a FIFO', ... for a path that is not a regular file (it exists)."""
-    mode = path.stat().st_mode
-    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    return next((word for test, word in kinds if test(mode)), "not a regular file")
 
 
 def check_datasets(train_path: str | Path, val_path: str | Path) -> None:
@@ -249,7 +232,7 @@ def read_classes(beton_path: str | Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        classes = json.loads(path.read_text())
+        classes = json.loads(read_text(path, "class list"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastvit_reduce.config import ConfigError
+from fastvit_reduce.config import ConfigError, file_problem
 from fastvit_reduce.data.betons import (ALLOC_TABLE, FIELD_TYPES, IMAGE_MODES, _Layout, read_classes,
                                          verify_beton)
 
@@ -160,8 +160,9 @@ def main(argv: list[str]) -> int:
         print("error: usage: fastvit-reduce inspect FILE.beton [--json] [--deep]", file=sys.stderr)
         return 2
     path = Path(files[0])
-    if not path.is_file():
-        print(f"error: file not found: {path}", file=sys.stderr)
+    problem = file_problem(path, "file")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         verify_beton(path)
