@@ -7,11 +7,14 @@ only a signal from a terminal and a start on a planted numba cache need a real p
 from __future__ import annotations
 
 import os
+import shlex
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_beton, write_tiny_config
+from fastvit_reduce import checkpoint as ckpt
 from fastvit_reduce.config import ConfigError, load
 from fastvit_reduce.settings import SECTIONS
 from fastvit_reduce.train import main
@@ -133,3 +136,31 @@ def test_a_beton_of_another_layout_or_empty_is_one_line(cfg, tmp_path, capsys, s
     capsys.readouterr()  # the writer's progress bar
     assert main(["--config", cfg, f"--data.{split}_dataset={path}"]) == 2
     one_line_error(capsys, str(path), *words)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class _Touch:
+    """Unpickling this runs ``touch <path>``: the file must never appear."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.path)}",)
+
+
+@pytest.mark.parametrize("form", ["zip", 0, 1, 2, 3, 4, 5])
+def test_a_hostile_pickle_is_called_unsafe_whatever_its_protocol(tmp_path, form):
+    """torch words its refusal differently per pickle protocol; the file's own opcodes say unsafe."""
+    import pickle
+    marker, path = tmp_path / "PWNED", tmp_path / "last.pt"
+    payload = {"format": 2, "model": _Touch(marker), "epoch": 0}
+    if form == "zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=form))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load(path)
+    assert e.value.kind == "unsafe" and "unsafe pickle: refused" in str(e.value)
+    assert "system" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
