@@ -119,7 +119,10 @@ def can_skip(job: Job, out: Path, overrides: list[str]) -> bool:
     if cfgs is None:
         return False
     for cfg, d in zip(cfgs, run_dirs(job)):
-        params = runs.RunFolder(d).read_params() or {}
+        try:
+            params = runs.RunFolder(d).read_params() or {}
+        except runs.RunFolderError:
+            return False  # the trainer names the damaged file
         if runs.config_changes(params.get("config", {}), cfg):
             return False
     return True
@@ -414,6 +417,8 @@ def main(argv: list[str]) -> int:
         for c in args.configs:
             refuse_control_chars("config path", c)
         refuse_control_chars("--out", args.out)
+        if out.exists() and not out.is_dir():
+            raise SweepError(f"--out {out} is a file, not a folder")
         refuse_control_chars("--time", args.time)
         for kv in args.set:
             refuse_control_chars("--set", kv)

@@ -30,7 +30,7 @@ from .config import ConfigError, declared_keys, load, parse_argv, resolved
 from .data.betons import check_beton, check_datasets, label_range, read_classes, stored_size, verify_beton
 from .recipe import (batch_plan, batches_per_epoch, check_schedule, lr_at, resolution_warnings, train_resolutions,
                      updates_per_epoch, val_res)
-from .runs import RunFolder, RunFolderError, check_experiment_name, config_changes
+from .runs import RunFolder, RunFolderError, check_experiment_name, check_utf8, config_changes
 from .settings import PER_VARIANT, SECTIONS, SHARED_MODEL_KEYS
 
 
@@ -105,6 +105,7 @@ def resolve_variants(argv: list[str], whole: bool = False) -> list[tuple[dict, s
     for files, overrides in args.variants():
         load(files, overrides, SECTIONS)
         cfg = resolved(SECTIONS)
+        check_utf8("logging.folder", cfg["logging.folder"])
         out.append((cfg, experiment_name(cfg, files)))
     check_pairable([c for c, _ in out], [n for _, n in out])
     return out if whole else select_part(out, args.part)

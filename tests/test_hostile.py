@@ -6,8 +6,10 @@ only a signal from a terminal and a start on a planted numba cache need a real p
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +17,12 @@ import torch
 
 from conftest import write_beton, write_tiny_config
 from fastvit_reduce import checkpoint as ckpt
+from fastvit_reduce import report, runs, sweep
 from fastvit_reduce.config import ConfigError, load
 from fastvit_reduce.settings import SECTIONS
 from fastvit_reduce.train import main
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9")  # Latin-1 bytes, as Python holds them (surrogate escapes)
 
 
 
@@ -71,7 +76,7 @@ def test_a_config_that_is_not_a_file_says_what_it_is(tmp_path, capsys, kind):
 WHAT = {"fifo": "a FIFO", "folder": "a folder", "loop": "a symbolic link loop", "dangling": "a symbolic link to nothing"}
 
 
-def _odd_path(path, kind: str):
+def _odd_path(path: Path, kind: str) -> Path:
     if kind == "fifo":
         os.mkfifo(path)
     elif kind == "folder":
@@ -95,7 +100,7 @@ def test_a_dataset_that_is_not_a_file_says_what_it_is(cfg, tmp_path, capsys, spl
     one_line_error(capsys, str(path), WHAT[kind])
 
 
-def _write_fields(path, fields: list[str]):
+def _write_fields(path: Path, fields: list[str]) -> Path:
     """A .beton with ffcv's writer and the given fields, in this order ('image', 'label', 'extra')."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -136,6 +141,101 @@ def test_a_beton_of_another_layout_or_empty_is_one_line(cfg, tmp_path, capsys, s
     capsys.readouterr()  # the writer's progress bar
     assert main(["--config", cfg, f"--data.{split}_dataset={path}"]) == 2
     one_line_error(capsys, str(path), *words)
+
+
+# ----------------------------------------------------------------------------- run folders
+@pytest.mark.parametrize("where", ["experiment", "folder"])
+def test_a_run_folder_name_that_is_not_utf8_is_one_line(cfg, tmp_path, capsys, where):
+    arg = (f"--logging.experiment=x{NOT_UTF8}" if where == "experiment"
+           else f"--logging.folder={tmp_path / NOT_UTF8}")
+    assert main(["--config", cfg, arg]) == 2
+    one_line_error(capsys, "not valid UTF-8", "caf\\xe9")
+
+
+def test_a_300_character_experiment_name_is_one_line(cfg, capsys):
+    assert main(["--config", cfg, "--logging.experiment=" + "x" * 300]) == 2
+    one_line_error(capsys, "logging.experiment is 300 bytes long", "at most 255")
+
+
+@pytest.mark.parametrize("folder, name", [("/proc", "self"), ("/proc", "fvr-test"), ("/sys", "kernel"),
+                                          ("/sys/fvr-test", "x")])
+def test_a_logging_folder_where_nothing_can_be_written_is_one_line(cfg, capsys, folder, name):
+    """os.access says yes to root in /proc and /sys, where nothing can be created."""
+    assert main(["--config", cfg, f"--logging.folder={folder}", f"--logging.experiment={name}"]) == 2
+    one_line_error(capsys, f"{folder}/{name}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root passes through folder permissions")
+def test_a_logging_folder_without_permission_is_one_line(cfg, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)  # not even stat() may look inside: Path.exists() raises
+    assert main(["--config", cfg, f"--logging.folder={locked / 'sub'}", "--logging.experiment=x"]) == 2
+    one_line_error(capsys, str(locked))
+
+
+def _run_folder(root: Path, name: str = "run", final=None) -> Path:
+    """A finished-looking run folder as the trainer writes it, ``final`` replacing final.json."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "params.json").write_text(json.dumps({"config": {"reduction.strategy": "baseline"}}))
+    (run / "log.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 1.0, "eval_top1": 5.0}) + "\n")
+    good = {"experiment": name, "strategy": "baseline", "top_1": 5.0, "best_top_1": 5.0, "final_top_1": 5.0,
+            "completed": True, "weights_hash": "ab", "epochs_done": 1}
+    data = final if isinstance(final, bytes) else json.dumps(good if final is None else final).encode()
+    (run / "final.json").write_bytes(data)
+    return run
+
+
+@pytest.mark.parametrize("final, words", [
+    (b'{"experiment": "caf\xe9"}', ["final.json", "not UTF-8"]),
+    ([1, 2, 3], ["final.json", "expected a JSON object, found a list"]),
+    ({"top_1": "high", "completed": True}, ["final.json", "'top_1' is 'high', expected int or float or null"]),
+    ({"completed": "yes"}, ["'completed' is 'yes', expected bool"]),
+    ({"paired_with": [1]}, ["'paired_with' is not a list of names"]),
+])
+@pytest.mark.parametrize("command", ["report", "compare", "resume"])
+def test_final_json_that_is_not_utf8_or_of_another_shape_is_one_line(cfg, tmp_path, capsys, final, words, command):
+    run = _run_folder(tmp_path / "runs", "run", final)
+    if command == "report":
+        assert report.main([str(run), "--out", str(tmp_path / "out")]) == 2
+    elif command == "compare":
+        other = _run_folder(tmp_path / "runs", "other")
+        assert runs.main([str(run), str(other)]) == 2
+    else:
+        assert main(["--config", cfg, f"--logging.folder={tmp_path / 'runs'}", "--logging.experiment=run"]) == 2
+    one_line_error(capsys, str(run), *words)
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_a_run_folder_whose_name_is_not_utf8_is_one_line(tmp_path, capsys, command):
+    run = _run_folder(tmp_path / "runs", f"run-{NOT_UTF8}")
+    other = _run_folder(tmp_path / "runs", "other")
+    if command == "report":
+        assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    else:
+        assert runs.main([str(run), str(other)]) == 2
+    one_line_error(capsys, "not valid UTF-8", "run-caf\\xe9")
+
+
+def test_a_log_row_of_another_shape_is_named(tmp_path, capsys):
+    run = _run_folder(tmp_path / "runs")
+    with open(run / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 1, "eval_top1": "high"}) + "\n")
+    assert report.main([str(run), "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, "log.jsonl line 2", "'eval_top1' is 'high'")
+
+
+@pytest.mark.parametrize("command", ["report", "sweep"])
+def test_out_naming_an_existing_file_is_one_line(tmp_path, capsys, command):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    if command == "report":
+        assert report.main([str(_run_folder(tmp_path / "runs")), "--out", str(out)]) == 2
+    else:
+        (tmp_path / "a.yaml").write_text("{}\n")
+        assert sweep.main([str(tmp_path / "a.yaml"), "--out", str(out)]) == 2
+    one_line_error(capsys, f"--out {out} is a file, not a folder")
+    assert out.read_text() == "not a folder"
 
 
 # ----------------------------------------------------------------------------- checkpoints
