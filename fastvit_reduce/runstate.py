@@ -12,17 +12,22 @@ import logging
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .runs import config_changes, position, resume_position, weights_hash
+from .runs import position, resume_position, run_changes, weights_hash
 
 log = logging.getLogger("fastvit_reduce")
 FORMAT = 2  # of last.pt / best.pt
+# what resuming reads from last.pt besides checkpoint.OUR_KEYS (best.pt has none of the first three)
+LAST_KEYS = ("optimizer", "scaler", "step_in_epoch", "updates", "best", "elapsed_s", "config")
+BEST_KEYS = ("config",)
 
 
 # ----------------------------------------------------------------------------- checkpoint contents
 def weights_state(v, epoch: int) -> dict:
-    """What every checkpoint of a variant holds: its weights (and EMA), epoch and config."""
+    """What every checkpoint of a variant holds: its weights (and EMA), epoch, config and the
+    fingerprints of its datasets (``betons.data_fingerprints``; None for another data source)."""
     return {"format": FORMAT, "model": v.model.state_dict(),
-            "ema": None if v.ema is None else v.ema.state_dict(), "epoch": epoch, "config": v.cfg}
+            "ema": None if v.ema is None else v.ema.state_dict(), "epoch": epoch, "config": v.cfg,
+            "data": v.data}
 
 
 def best_state(v, epoch: int, top1: float, headline: str) -> dict:
@@ -38,6 +43,26 @@ def last_state(v, epoch: int, step: int, epoch_stats: dict, elapsed_s: float) ->
             "epoch_stats": {"loss_sum": float(v.loss_sum), "loss_n": float(v.loss_n),
                             "lr_sum": v.lr_sum, "lr_n": v.lr_n, **epoch_stats} if step else {},
             "best": v.best, "rows": list(v.rows), "first_batch_hash": v.first_batch_hash}
+
+
+def check_contents(state: dict, path, keys=LAST_KEYS) -> dict:
+    """``state`` if it is one of our checkpoints of this format holding ``keys``; else
+    ``CheckpointError`` (kind ``"foreign"``) saying what the file is."""
+    fmt = state.get("format")
+    if fmt != FORMAT:
+        raise ckpt.CheckpointError(f"checkpoint {path}: written in checkpoint format {fmt!r} by another "
+                                   f"version of fastvit-reduce; this one reads format {FORMAT}", "foreign")
+    missing = [k for k in keys if k not in state]
+    if missing and "top_1" in state and "optimizer" not in state:
+        raise ckpt.CheckpointError(f"checkpoint {path}: this is a best.pt (weights only: no optimizer state "
+                                   "or position), not a last.pt", "foreign")
+    if missing:
+        raise ckpt.CheckpointError(f"checkpoint {path}: not a last.pt of fastvit-reduce (no "
+                                   f"{', '.join(map(repr, missing))} key)", "foreign")
+    bad = [k for k in ("epoch", "step_in_epoch", "updates") if k in state and type(state[k]) is not int]
+    if bad:
+        raise ckpt.CheckpointError(f"checkpoint {path}: {bad[0]!r} is {state[bad[0]]!r}, not an integer", "foreign")
+    return state
 
 
 def restore(v, state: dict) -> None:
@@ -67,7 +92,7 @@ def resume(variants: list, d) -> tuple[int, int, dict]:
         state = _load_or_none(v, v.folder.last_pt, d)
         states[v.name] = state
         positions[v.name] = position(state) if state else None
-        prev = ckpt.load(v.folder.prev_pt) if v.folder.prev_pt.is_file() else None
+        prev = check_contents(ckpt.load(v.folder.prev_pt), v.folder.prev_pt) if v.folder.prev_pt.is_file() else None
         prevs[v.name] = (position(prev), prev) if prev else None
     pos, choice = resume_position(positions, {n: p[0] for n, p in prevs.items() if p})
     seen = d.all_sum([float(pos is not None)])[0]
@@ -96,12 +121,13 @@ def _load_or_none(v, path, d) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return ckpt.load(path)
+        return check_contents(ckpt.load(path), path)
     except ckpt.CheckpointError as e:
         mode = v.cfg["checkpoint.on_damaged"]
         if mode == "refuse" or e.kind == "unreadable":  # why: a permission problem is not damage
             raise ConfigError(f"{e}. Re-run with --checkpoint.on_damaged=fresh (start over) or "
-                              f"=best (start from best.pt); either moves the bad file aside") from None
+                              "--checkpoint.on_damaged=best (start from best.pt); either moves the bad "
+                              "file aside") from None
         moved = ckpt.move_aside(path) if d.main else path
         log.warning(f"{path} is unusable ({e}); moved to {moved.name}; starting "
                     f"{'from best.pt' if mode == 'best' else 'fresh'}")
@@ -113,7 +139,7 @@ def _maybe_from_best(v, d) -> None:
     """After a damaged ``last.pt`` with ``on_damaged=best``: ``best.pt``'s weights, a fresh optimizer."""
     if not (getattr(v, "start_from_best", False) and v.folder.best_pt.is_file()):
         return
-    best = ckpt.load(v.folder.best_pt)
+    best = check_contents(ckpt.load(v.folder.best_pt), v.folder.best_pt, BEST_KEYS)
     check_same_run(v, best, d.world)
     v.model.load_state_dict(best["model"])
     if v.ema is not None and best.get("ema") is not None:
@@ -124,15 +150,20 @@ def _maybe_from_best(v, d) -> None:
 
 
 def check_same_run(v, state: dict, world: int) -> None:
-    """``ConfigError`` naming the settings in which ``state`` differs from ``v``'s run."""
+    """``ConfigError`` naming the settings (and datasets) in which ``state`` differs from ``v``'s run."""
     if not isinstance(state.get("config"), dict):
         raise ConfigError(f"{v.folder.last_pt}: not a fastvit-reduce checkpoint (no config)")
-    diff = config_changes(state["config"], v.cfg)
+    saved_data = state.get("data") if isinstance(state.get("data"), dict) else None
+    diff = run_changes(state["config"], saved_data, v.cfg, v.data)
     if state.get("world_size", world) != world:
         diff.append(f"number of processes: {state['world_size']} -> {world}")
     if diff:
-        raise ConfigError(f"{v.folder.path} was written with a different configuration; use another "
+        raise ConfigError(f"{v.folder.path} was written with a different configuration or data; use another "
                           "logging.experiment or restore these settings:\n  " + "\n  ".join(diff))
+    for split, old in (saved_data or {}).items():
+        new = (v.data or {}).get(split)
+        if old and new and old.get("path") != new["path"]:
+            log.info(f"{v.name}: data.{split}_dataset moved from {old.get('path')} to {new['path']} (same contents)")
 
 
 # ----------------------------------------------------------------------------- rows and summary

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, declared_keys, load, parse_argv, resolved
-from .data.betons import check_beton, check_datasets, label_range, read_classes, stored_size, verify_beton
+from .data.betons import (check_beton, check_datasets, data_fingerprints, label_range, read_classes, stored_size,
+                          verify_beton)
 from .recipe import (batch_plan, batches_per_epoch, check_schedule, lr_at, resolution_warnings, train_resolutions,
                      updates_per_epoch, val_res)
-from .runs import RunFolder, RunFolderError, check_experiment_name, check_utf8, config_changes
+from .runs import RunFolder, RunFolderError, check_experiment_name, check_utf8, run_changes
 from .settings import PER_VARIANT, SECTIONS, SHARED_MODEL_KEYS
 
 
@@ -231,7 +232,8 @@ def prepare_folder(f: RunFolder, cfg: dict) -> bool:
     ckpt.clean_stale_tmp(f.path)
     final = f.read_final() or {}
     if final.get("completed"):
-        diff = config_changes((f.read_params() or {}).get("config", cfg), cfg)
+        params = f.read_params() or {}
+        diff = run_changes(params.get("config", cfg), params.get("data"), cfg, data_fingerprints(cfg))
         if diff:
             raise ConfigError(f"{f.path} is a finished run with a different configuration; use another "
                               "logging.experiment or restore:\n  " + "\n  ".join(diff))
@@ -269,6 +271,7 @@ def write_params(trainer, argv: list[str], pair_names: list[str]) -> None:
         # the whole pair, also the variants other processes train (--pair-part)
         info["pair"] = {"variants": pair_names, "baseline": pair_names[0]} if len(pair_names) > 1 else None
         info["plan"] = v.plan
+        info["data"] = v.data  # the datasets' fingerprints: a finished run is judged on them too
         v.folder.write_params(info)
 
 

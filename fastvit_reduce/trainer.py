@@ -72,6 +72,7 @@ class Variant:
         self.group_bad = torch.zeros((), device=dev)          # non-finite micro-steps in this group
         self.active, self.exit_reason, self.saved_final = True, None, False
         self.first_batch_hash = None
+        self.data = None  # fingerprints of the .beton files (set by Trainer; None for other sources)
         self.reset_epoch_sums()
 
     def build_model(self) -> nn.Module:
@@ -184,6 +185,10 @@ class Trainer:
         self.plan = batch_plan(self.cfg, d.world)
         set_numerics(d.device, self.cfg["training.deterministic"])
         self.variants = self.build_variants(folders)
+        if source_factory is None:  # what "the same run" means for the data (runs.data_changes)
+            from .data.betons import data_fingerprints
+            for v in self.variants:
+                v.data = data_fingerprints(self.cfg)
         self.start_epoch, self.skip, self.epoch_stats = runstate.resume(self.variants, d)
         self.source = self.build_source(source_factory)
         self.threads = self.fix_threads()

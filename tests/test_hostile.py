@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,12 @@ import torch
 
 from conftest import write_beton, write_tiny_config
 from fastvit_reduce import checkpoint as ckpt
-from fastvit_reduce import report, runs, sweep
+from fastvit_reduce import report, runs, sweep, trainer
 from fastvit_reduce.config import ConfigError, load
 from fastvit_reduce.settings import SECTIONS
 from fastvit_reduce.train import main
 
 NOT_UTF8 = os.fsdecode(b"caf\xe9")  # Latin-1 bytes, as Python holds them (surrogate escapes)
-
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +264,71 @@ def test_a_hostile_pickle_is_called_unsafe_whatever_its_protocol(tmp_path, form)
     assert e.value.kind == "unsafe" and "unsafe pickle: refused" in str(e.value)
     assert "system" in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def stopped_run(cfg):
+    """A run stopped (SIGTERM, as a scheduler sends it) after its first epoch: last.pt and best.pt."""
+    import fastvit_reduce.data.ffcv_patch  # noqa: F401
+    from ffcv.pipeline.compiler import Compiler
+    before, original = Compiler.is_enabled, trainer.Trainer.end_epoch
+
+    def end_epoch(self, epoch, *args, **kwargs):
+        original(self, epoch, *args, **kwargs)
+        if epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+    Compiler.set_enabled(False)
+    trainer.Trainer.end_epoch = end_epoch
+    try:
+        assert main(["--config", cfg, "--logging.experiment=stopped"]) == 124
+    finally:
+        trainer.Trainer.end_epoch = original
+        Compiler.set_enabled(before)
+    return Path(cfg).parent / "runs" / "stopped"
+
+
+def _copy_run(stopped_run: Path, name: str) -> Path:
+    import shutil
+    return Path(shutil.copytree(stopped_run, stopped_run.parent / name))
+
+
+@pytest.mark.usefixtures("no_jit")
+def test_best_pt_copied_over_last_pt_is_named_with_what_to_do(cfg, stopped_run, capsys):
+    run = _copy_run(stopped_run, "best_over_last")
+    (run / "last.pt").write_bytes((run / "best.pt").read_bytes())
+    capsys.readouterr()
+    assert main(["--config", cfg, "--logging.experiment=best_over_last"]) == 2
+    one_line_error(capsys, "this is a best.pt", "not a last.pt", "--checkpoint.on_damaged=best")
+    assert main(["--config", cfg, "--logging.experiment=best_over_last", "--checkpoint.on_damaged=best"]) == 0
+    assert json.loads((run / "final.json").read_text())["completed"]
+
+
+@pytest.mark.usefixtures("no_jit")
+def test_last_pt_of_another_format_is_named(cfg, stopped_run, capsys):
+    run = _copy_run(stopped_run, "old_format")
+    state = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**state, "format": 1}, run / "last.pt")
+    capsys.readouterr()
+    assert main(["--config", cfg, "--logging.experiment=old_format"]) == 2
+    one_line_error(capsys, "checkpoint format 1", "reads format 2", "--checkpoint.on_damaged=fresh")
+
+
+@pytest.mark.usefixtures("no_jit")
+def test_resuming_into_another_dataset_is_refused_and_a_moved_one_is_not(cfg, stopped_run, tmp_path, capsys):
+    run = _copy_run(stopped_run, "data_change")
+    train = Path(cfg).parent / "train.beton"
+    other = write_beton(tmp_path / "other.beton", n=48, size=40, seed=5)  # fewer updates per epoch
+    argv = ["--config", cfg, "--logging.experiment=data_change"]
+    capsys.readouterr()
+    assert main([*argv, f"--data.train_dataset={other}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    assert f"data.train_dataset: {train}" in err and f"-> {other} (48 samples" in err
+
+    moved = tmp_path / "copied_to_local_disk.beton"
+    moved.write_bytes(train.read_bytes())
+    assert main([*argv, f"--data.train_dataset={moved}"]) == 0
+    assert "moved from" in (run / "train.log").read_text()
+    capsys.readouterr()
+    assert main([*argv, f"--data.train_dataset={other}"]) == 2  # finished: judged on the data too
+    assert "finished run with a different configuration" in capsys.readouterr().err

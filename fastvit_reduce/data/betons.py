@@ -10,6 +10,7 @@ dtypes against ffcv's own.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -238,6 +239,37 @@ def read_classes(beton_path: str | Path) -> list[str] | None:
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise ConfigError(f"{path}: expected a JSON list of class names")
     return classes
+
+
+def fingerprint(path: str | Path) -> dict:
+    """What identifies a .beton's contents without reading its images: ``{"path", "bytes",
+    "samples", "sha256"}``, the hash over the header, field descriptors and sample table (every
+    label and every image's size and data pointer; 31 MB for ImageNet's train split)."""
+    lay = _Layout(Path(path))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = lay.metadata_end
+        while left > 0:
+            chunk = f.read(min(left, 1 << 22))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return {"path": str(Path(path).absolute()), "bytes": lay.size, "samples": lay.num_samples,
+            "sha256": digest.hexdigest()[:16]}
+
+
+def data_fingerprints(cfg: dict) -> dict:
+    """``{"train": fingerprint, "val": fingerprint or None}`` of a run's datasets (None for a path
+    that is not a readable .beton: the checks before training name it)."""
+    out = {}
+    for split in ("train", "val"):
+        path = cfg[f"data.{split}_dataset"]
+        try:
+            out[split] = fingerprint(path) if path and not file_problem(path, "dataset") else None
+        except (OSError, ConfigError):
+            out[split] = None
+    return out
 
 
 def stored_size(path: str) -> dict | None:
