@@ -332,3 +332,40 @@ def test_resuming_into_another_dataset_is_refused_and_a_moved_one_is_not(cfg, st
     capsys.readouterr()
     assert main([*argv, f"--data.train_dataset={other}"]) == 2  # finished: judged on the data too
     assert "finished run with a different configuration" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- writing a .beton
+def _png(path: Path, w: int, h: int, value: int = 100) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(path, format="PNG")
+
+
+def test_symlink_loops_are_walked_once_and_every_file_counted_once(tmp_path, capsys):
+    """A link back up made os.walk list a class 40 levels deep (3,280 "images" from 80 files)."""
+    from fastvit_reduce.data import write
+    train = tmp_path / "data" / "train"
+    for k in range(3):
+        _png(train / "cat" / f"c{k}.png", 8, 8)
+    _png(train / "dog" / "d0.png", 8, 8)
+    _png(train / "dog" / "deep" / "d1.png", 8, 8)
+    os.symlink("..", train / "cat" / "loop")                  # a loop back to the class folder
+    os.symlink("../dog", train / "cat" / "into_dog")          # a second way into another class
+    os.symlink("../dog/d0.png", train / "cat" / "dup.png")    # a file of another class, again
+    os.symlink("../../cat", train / "dog" / "deep" / "up")    # a loop two levels up, into a class
+    outside = tmp_path / "elsewhere"
+    _png(outside / "e.png", 8, 8)
+    os.symlink(outside, train / "dog" / "ext")                # a link out of the split: followed
+    split = write.scan_split(tmp_path / "data", "train")
+    assert sorted(map(os.fsdecode, split.files)) == ["cat/c0.png", "cat/c1.png", "cat/c2.png",
+                                                      "dog/d0.png", "dog/deep/d1.png", "dog/ext/e.png"]
+    assert split.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert sorted(split.repeats) == ["cat/dup.png", "cat/into_dog", "cat/loop", "dog/deep/up"]
+
+    out = tmp_path / "train.beton"
+    capsys.readouterr()
+    assert write.main([f"--cfg.data_dir={tmp_path / 'data'}", "--cfg.split=train", f"--cfg.write_path={out}",
+                       "--cfg.max_resolution=8", "--cfg.num_workers=1"]) == 0
+    err = capsys.readouterr().err
+    assert "4 symbolic link(s) lead to folders or files listed already" in err and "cat/loop" in err
+    assert json.loads(Path(f"{out}.report.json").read_text())["links_not_followed"] == split.repeats

@@ -8,8 +8,8 @@
 Output fields: ``image`` (ffcv RGBImageField) and ``label`` (IntField, the index of the sorted
 class-folder name: torchvision ImageFolder's indices, except that hidden folders are not classes).
 Beside the output: ``<write_path>.classes.json`` (class names, index = label) and
-``<write_path>.report.json`` (written, skipped [{path, error}], classes, seconds, images_per_s,
-settings).
+``<write_path>.report.json`` (written, skipped [{path, error}], links_not_followed, classes,
+seconds, images_per_s, settings).
 
 How it stays safe on 1.28 M images:
 
@@ -368,6 +368,10 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
     print(f"{split}: {len(data.files)} images in {len(data.classes)} classes under {data.root} "
           f"({data.ignored} other files ignored{_examples(data)}); {shutil.disk_usage(target.parent).free / 1e9:.1f} GB "
           f"free at {target.parent}; {num_workers} workers", file=sys.stderr)
+    if data.repeats:
+        print(f"{split}: {len(data.repeats)} symbolic link(s) lead to folders or files listed already (a loop, "
+              f"or a second way in); each was listed once: {', '.join(data.repeats[:5])}"
+              f"{' ...' if len(data.repeats) > 5 else ''} (all in the report)", file=sys.stderr)
 
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                      smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
@@ -390,7 +394,7 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
             "written": written,
             "skipped": [{"path": data.path(i), "error": err} for i, err in failures],
             "files_seen": len(source), "ignored_files": data.ignored,
-            "ignored_examples": data.ignored_examples,
+            "ignored_examples": data.ignored_examples, "links_not_followed": data.repeats,
             "classes": data.classes, "num_classes": len(data.classes),
             "seconds": round(seconds, 3), "images_per_s": round(len(source) / seconds, 1),
             "bytes": partial.stat().st_size,
