@@ -225,6 +225,8 @@ Section("cfg", "writing an ImageFolder split to a .beton (fastvit-reduce write)"
     smart_threshold=Param(Number(int, 0), "bytes of raw pixels above which write_mode=smart "
                           "stores JPEG (150528 = a 224x224 RGB image)", default=224 * 224 * 3),
     jpeg_quality=Param(Number(int, 1, 100), "JPEG quality of stored images", default=90),
+    max_aspect=Param(Number(float, 0), "skip (and list in the report) an image whose long side is more "
+                     "than this many times its short side (0 = keep all)", default=20.0),
     num_workers=Param(Number(int, 0), "writer processes (0 = one per CPU core)", default=0),
     chunk_size=Param(Number(int, 1), "images a worker takes at a time", default=100),
     subset=Param(Number(int, -1), "first N images of each class (-1 or 0 = all)", default=-1),

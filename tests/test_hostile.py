@@ -369,3 +369,57 @@ def test_symlink_loops_are_walked_once_and_every_file_counted_once(tmp_path, cap
     err = capsys.readouterr().err
     assert "4 symbolic link(s) lead to folders or files listed already" in err and "cat/loop" in err
     assert json.loads(Path(f"{out}.report.json").read_text())["links_not_followed"] == split.repeats
+
+
+def test_degenerate_aspect_ratios_are_skipped_at_write_time(tmp_path, capsys):
+    """A 20000x20 image was stored 64x1 and later aborted validation inside OpenCV."""
+    from fastvit_reduce.data import write
+    train = tmp_path / "data" / "train"
+    _png(train / "a" / "ok.png", 12, 10)
+    _png(train / "a" / "strip.png", 2000, 2)
+    _png(train / "b" / "tall.png", 3, 90)
+    _png(train / "b" / "ok.png", 10, 12)
+    out = tmp_path / "train.beton"
+    assert write.main([f"--cfg.data_dir={tmp_path / 'data'}", "--cfg.split=train", f"--cfg.write_path={out}",
+                       "--cfg.max_resolution=64", "--cfg.num_workers=1"]) == 0
+    rep = json.loads(Path(f"{out}.report.json").read_text())
+    assert rep["written"] == 2 and rep["settings"]["max_aspect"] == 20
+    assert {Path(s["path"]).name: s["error"].split(":")[0] for s in rep["skipped"]} == {
+        "strip.png": "degenerate aspect ratio", "tall.png": "degenerate aspect ratio"}
+    assert "stored 64x1 px (64:1" in next(s["error"] for s in rep["skipped"] if s["path"].endswith("strip.png"))
+
+
+def test_the_val_crop_of_a_strip_is_at_least_a_pixel(tmp_path, no_jit):
+    """The box of a 64x1 image rounded to 0 px: OpenCV's resize aborted the process (SIGABRT)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from fastvit_reduce.data.decoders import timm_center_crop
+    from fastvit_reduce.data.loaders import create_val_loader
+    for h, w in [(1, 64), (64, 1), (1, 1), (2, 300)]:
+        i, j, ch, cw = timm_center_crop(h, w, 32, 0.875)
+        assert ch >= 1 and cw >= 1 and i + ch <= h and j + cw <= w, (h, w)
+    path = tmp_path / "strips.beton"
+    images = [(np.full((1, 64, 3), 200, np.uint8), 0), (np.full((64, 1, 3), 50, np.uint8), 1)]
+    DatasetWriter(str(path), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(images)
+    loader = create_val_loader(path, 2, "cpu", res=32, crop_pct=0.875, num_workers=1, in_memory=True,
+                               distributed=False)
+    [(x, y)] = list(loader)
+    assert x.shape == (2, 3, 32, 32) and (x[0] == 200).all() and (x[1] == 50).all()
+
+
+def test_a_jpeg_whose_frame_disagrees_with_the_sample_table_is_refused_on_read(tiny_beton, capsys):
+    """libjpeg-turbo fits a JPEG of another size into the buffer without an error: garbage pixels."""
+    from fastvit_reduce.data.betons import _Layout, verify_beton
+    path = tiny_beton(n=12, size=24, write_mode="jpg")
+    assert verify_beton(path) == 12
+    lay = _Layout(Path(path))
+    table = lay.metadata.copy()
+    table[lay.metadata_type.names[0]]["width"][5] = 64  # the sample table says 64x24
+    with open(path, "r+b") as f:
+        f.seek(lay.metadata_start)
+        f.write(table.tobytes())
+    with pytest.raises(ConfigError, match=r"image 5's JPEG data holds a 24x24 px frame, but the sample "
+                                          r"table says 64x24 px"):
+        verify_beton(path)

@@ -99,9 +99,10 @@ def verify_beton(path: str | Path) -> int:
     Checks the header, the field descriptors, the sample table's size, the allocation table (one
     entry per sample and allocating field, every (ptr, size) inside the data pages, none crossing
     a page, the table filling the file's end exactly), that every image's pointer is its own
-    allocation with a plausible size, and the JPEG start/end markers (every JPEG in files of up to
-    65,536 JPEGs, else the first and last one of every page). Nothing is decoded: raw pixels that
-    were zeroed cannot be told from black images; ``inspect --deep`` decodes every JPEG.
+    allocation with a plausible size, and the JPEG start/end markers and frame size against the
+    sample table (every JPEG in files of up to 65,536 JPEGs, else the first and last one of every
+    page). Nothing is decoded: raw pixels that were zeroed cannot be told from black images;
+    ``inspect`` decodes a sample of the JPEGs, ``inspect --deep`` all of them.
     Raises ``ConfigError`` with one line naming the file and the damage.
     """
     lay = _Layout(Path(path))
@@ -153,12 +154,15 @@ def verify_beton(path: str | Path) -> int:
             i = int(np.argmax(bad))
             fail(f"image {i} has mode {mode[i]}, {w[i]}x{h[i]} px and {nbytes[i]} bytes of data: "
                  "sample table overwritten")
-        _check_jpeg_markers(lay, np.flatnonzero(mode == jpeg), data_ptr, nbytes)
+        _check_jpeg_markers(lay, np.flatnonzero(mode == jpeg), data_ptr, nbytes, w, h)
     return n
 
 
-def _check_jpeg_markers(lay: _Layout, jpegs: np.ndarray, ptr: np.ndarray, nbytes: np.ndarray) -> None:
-    """Every JPEG (or the first and last of each page in big files) starts FFD8 and ends FFD9."""
+def _check_jpeg_markers(lay: _Layout, jpegs: np.ndarray, ptr: np.ndarray, nbytes: np.ndarray,
+                        width: np.ndarray, height: np.ndarray) -> None:
+    """Every JPEG (or the first and last of each page in big files) starts FFD8, ends FFD9, and its
+    frame header gives the size the sample table says: libjpeg-turbo scales a larger JPEG down to
+    fit, or decodes a smaller one into a corner, over whatever the buffer held, without an error."""
     if len(jpegs) > _PROBE_ALL_JPEGS:
         pages = ptr[jpegs] // lay.page_size
         order = np.lexsort((ptr[jpegs], pages))
@@ -169,11 +173,38 @@ def _check_jpeg_markers(lay: _Layout, jpegs: np.ndarray, ptr: np.ndarray, nbytes
     try:
         for i in jpegs:
             p, s = int(ptr[i]), int(nbytes[i])
-            if os.pread(fd, 2, p) != b"\xff\xd8" or os.pread(fd, 2, p + s - 2) != b"\xff\xd9":
+            head = os.pread(fd, min(s, 4096), p)
+            if head[:2] != b"\xff\xd8" or os.pread(fd, 2, p + s - 2) != b"\xff\xd9":
                 lay.fail(f"image {i}'s JPEG data (byte {p}, {s} bytes) lacks its start/end markers "
                          "(overwritten)")
+            size = jpeg_size(head)
+            if size is None and len(head) < s:  # large metadata segments before the frame header
+                size = jpeg_size(os.pread(fd, s, p))
+            if size != (int(width[i]), int(height[i])):
+                found = "no frame header" if size is None else f"a {size[0]}x{size[1]} px frame"
+                lay.fail(f"image {i}'s JPEG data holds {found}, but the sample table says "
+                         f"{width[i]}x{height[i]} px (overwritten)")
     finally:
         os.close(fd)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's frame header (SOF0..SOF15), following the marker segments
+    from the start; None when ``data`` ends first or is not a JPEG stream."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+            if pos + 9 > len(data):
+                return None
+            return int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big")
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
 
 
 def label_range(path: str | Path) -> tuple[int, int, int]:

@@ -57,9 +57,11 @@ def timm_center_crop(height, width, out_size, crop_pct):
     bottom = top + out_size * height / resized_h
     right = left + out_size * width / resized_w
     # nearest pixel edges; a tie (x.5) widens the box rather than shifting it
-    i0, j0 = max(0, int(np.ceil(top - 0.5))), max(0, int(np.ceil(left - 0.5)))
+    i0, j0 = min(max(0, int(np.ceil(top - 0.5))), height - 1), min(max(0, int(np.ceil(left - 0.5))), width - 1)
     i1, j1 = min(height, int(np.floor(bottom + 0.5))), min(width, int(np.floor(right + 0.5)))
-    return i0, j0, i1 - i0, j1 - j0
+    # at least one pixel: the box of a 64x1 image rounds to 0 px wide, and OpenCV's resize of an
+    # empty box aborts the process (SIGABRT, no Python error)
+    return i0, j0, max(i1 - i0, 1), max(j1 - j0, 1)
 
 
 def _image_reader(mem_read):

@@ -125,8 +125,8 @@ class ImageFolderSource:
     ``(None, label, "ErrorType: message")``.
     """
 
-    def __init__(self, split: Split, max_res: int):
-        self.split, self.max_res = split, max_res
+    def __init__(self, split: Split, max_res: int, max_aspect: float = 0.0):
+        self.split, self.max_res, self.max_aspect = split, max_res, max_aspect
 
     def __len__(self) -> int:
         return len(self.split.files)
@@ -134,9 +134,15 @@ class ImageFolderSource:
     def __getitem__(self, i: int):
         label = int(self.split.labels[i])
         try:
-            return load_rgb(self.split.path(i), self.max_res), label, None
+            rgb = load_rgb(self.split.path(i), self.max_res)
         except Exception as e:  # noqa: BLE001 — any decode failure is this file's problem only
             return None, label, f"{type(e).__name__}: {e}".strip()
+        h, w = rgb.shape[:2]
+        if self.max_aspect and max(h, w) > self.max_aspect * min(h, w):
+            # why: such a strip trains as a smear, and its centre crop is under a pixel wide
+            return None, label, (f"degenerate aspect ratio: stored {w}x{h} px ({max(h, w) / min(h, w):.0f}:1; "
+                                 f"cfg.max_aspect={self.max_aspect:g})")
+        return rgb, label, None
 
 
 # ----------------------------------------------------------------------------- the ffcv writer
@@ -344,7 +350,7 @@ def _remove_stale_partials(target: Path) -> None:
 
 def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: int = 256,
                 write_mode: str = "proportion", compress_probability: float = 0.5,
-                smart_threshold: int = 224 * 224 * 3, jpeg_quality: int = 90,
+                smart_threshold: int = 224 * 224 * 3, jpeg_quality: int = 90, max_aspect: float = 20.0,
                 num_workers: int = 0, chunk_size: int = 100, subset: int = -1,
                 on_error: str = "skip", settings: dict | None = None) -> dict:
     """Write ``data_dir/split`` to ``write_path`` (+ .classes.json, .report.json); return the report.
@@ -378,7 +384,7 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
                                      compress_probability=compress_probability),
               "label": IntField()}
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    source = ImageFolderSource(data, max_resolution)
+    source = ImageFolderSource(data, max_resolution, max_aspect)
     start = time.perf_counter()
     try:
         writer = _SafeWriter(str(partial), fields, _page_size(max_resolution), num_workers, target)
@@ -401,7 +407,7 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
             "settings": settings or dict(max_resolution=max_resolution, write_mode=write_mode,
                                          compress_probability=compress_probability,
                                          smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
-                                         num_workers=num_workers, chunk_size=chunk_size,
+                                         max_aspect=max_aspect, num_workers=num_workers, chunk_size=chunk_size,
                                          subset=subset, on_error=on_error),
             "versions": _versions(),
         }
