@@ -38,7 +38,7 @@ from .settings import STRATEGY_KNOBS
 # keys that may differ between a checkpoint and the run resuming it: logging, checkpointing,
 # loader tuning (threads, prefetch depth: the data stream does not depend on them), dataset paths
 # (a node may copy the data to its local disk; the contents are judged by data_changes), eval frequency/batch, compile, the dry-run switch
-HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "data.batches_ahead",
+HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "data.batches_ahead", "data.max_decode_errors",
             "data.train_dataset", "data.val_dataset", "validation.every_n_epochs",
             "validation.batch_size", "training.compile", "training.threads", "training.overlap")
 # timm's summary.csv columns first, then ours
@@ -46,11 +46,11 @@ TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "l
 LOG_KEYS = TIMM_COLUMNS + [
     "raw_top_1", "raw_top_5", "raw_loss", "ema_top_1", "ema_top_5", "ema_loss", "val_images", "res",
     "updates", "epoch_time_s", "train_time_s", "train_img_s", "data_wait_frac", "peak_mem_mb",
-    "weights_hash"]
+    "weights_hash", "decode_errors"]
 FINAL_KEYS = ["experiment", "strategy", "arch", "img_size", "epochs", "params", "mlp_params", "gflops",
               "top_1", "best_top_1", "final_top_1", "headline", "raw_best_top_1", "raw_final_top_1",
               "best_ema_top_1", "final_ema_top_1", "total_time_s", "train_img_s", "data_wait_frac",
-              "completed", "exit_reason", "weights_hash", "first_batch_hash"]
+              "completed", "exit_reason", "weights_hash", "first_batch_hash", "decode_errors"]
 
 
 class RunFolderError(RuntimeError):

@@ -172,9 +172,10 @@ def _round(x, digits: int):
 
 
 def epoch_row(v, epoch: int, metrics: dict, train: dict, *, loss: float, world: int, res: int,
-              eval_s: float, peak_mem_mb: float) -> dict:
+              eval_s: float, peak_mem_mb: float, decode_errors: int = 0) -> dict:
     """One ``log.jsonl`` row: timm's ``summary.csv`` columns (headline = EMA when evaluated), then
-    raw and EMA metrics, speed and the weights hash. ``train``: the epoch's wall_s, wait_s, images."""
+    raw and EMA metrics, speed, the weights hash and the JPEGs that failed to decode this epoch.
+    ``train``: the epoch's wall_s, wait_s, images."""
     head = "ema_" if "ema_top_1" in metrics else "raw_"
     wall = max(train["wall_s"], 1e-9)
     return {"epoch": epoch, "train_loss": _round(loss, 5),
@@ -186,7 +187,8 @@ def epoch_row(v, epoch: int, metrics: dict, train: dict, *, loss: float, world: 
             "epoch_time_s": _round(train["wall_s"] + eval_s, 3), "train_time_s": _round(train["wall_s"], 3),
             "train_img_s": _round(train["images"] * world / wall, 1),
             "data_wait_frac": _round(train["wait_s"] / wall, 4),
-            "peak_mem_mb": _round(peak_mem_mb, 1), "weights_hash": weights_hash(v.model.state_dict())}
+            "peak_mem_mb": _round(peak_mem_mb, 1), "weights_hash": weights_hash(v.model.state_dict()),
+            "decode_errors": decode_errors}
 
 
 def final_summary(v, *, completed: bool, ranks_in_sync: bool, elapsed_s: float, process: dict,
@@ -211,5 +213,6 @@ def final_summary(v, *, completed: bool, ranks_in_sync: bool, elapsed_s: float, 
             "completed": completed and reason == "completed", "exit_reason": reason,
             "weights_hash": rows[-1]["weights_hash"] if rows else None,
             "first_batch_hash": v.first_batch_hash, "epochs_done": len(rows), "updates": v.updates,
+            "decode_errors": sum(r.get("decode_errors") or 0 for r in rows),
             **{k: v.plan[k] for k in ("global_batch", "accum", "per_gpu_batch")},
             "peak_lr": v.plan["peak_lr"], **process, "ranks_in_sync": ranks_in_sync, "paired_with": paired_with}

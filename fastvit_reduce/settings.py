@@ -71,6 +71,9 @@ Section("data", "FFCV datasets and loading").params(
     rrc_ratio=Param(FloatList(2), "RandomResizedCrop aspect-ratio range",
                     default=[0.75, 1.3333333]),
     hflip=Param(Bool01(), "random horizontal flip", default=1),
+    max_decode_errors=Param(Number(int, 0), "JPEGs that may fail to decode per epoch (train + val, all "
+                            "processes; each is used as a black image, counted in log.jsonl and final.json); "
+                            "more stop the run with an error (exit 1)", default=10),
 )
 Section("resolution", "progressive resizing of train images (as in ffcv-imagenet)").params(
     min_res=Param(Number(int, 1), "train resolution up to start_ramp, px", default=224),

@@ -197,6 +197,7 @@ class Trainer:
         self.source.set_poll(self.poll_stop)
         self.last_save = time.monotonic()
         self.updates_done = 0  # updates stepped by this process (the cadence of host reads)
+        self.decode_failed: dict[str, list[int]] = {}  # this epoch's JPEGs that failed to decode, this rank
         self.startup_s = None  # process start -> ready to train (train.main sets it)
 
     # ------------------------------------------------------------------ build steps
@@ -311,6 +312,7 @@ class Trainer:
         for v in self.variants:
             v.model.train()
         self.epoch_stats = s
+        self.decode_failed = {}
         bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=not (d.main and cfg["logging.progress"]))
         make = lambda: self.source.epoch(epoch, skip)  # noqa: E731
@@ -361,7 +363,9 @@ class Trainer:
         periodic save, the loss read back for the progress bar, non-finite variants stopped."""
         minutes = self.cfg["checkpoint.every_minutes"]
         due = self.d.main and minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
-        stop, due = self.d.all_sum([float(self.stop.received is not None), float(due)])
+        stop, due, failed = self.d.all_sum([float(self.stop.received is not None), float(due),
+                                            float(self.count_decode_failures())])
+        self.check_decode_errors(epoch, int(failed), so_far=True)
         self.check_nonfinite(epoch)
         v = self.variants[0]
         bar.set_postfix(loss=f"{float(v.loss_sum / v.loss_n.clamp(min=1)):.3f}", refresh=False)
@@ -369,6 +373,33 @@ class Trainer:
             self.save_last(epoch, step)
         if stop:
             raise Preempted
+
+    def count_decode_failures(self) -> int:
+        """JPEGs of this epoch that failed to decode on this rank (collected from the source)."""
+        for path, ix in self.source.decode_failures().items():
+            self.decode_failed.setdefault(path, []).extend(ix)
+        return sum(map(len, self.decode_failed.values()))
+
+    def check_decode_errors(self, epoch: int, count: int, so_far: bool = False) -> None:
+        """More than ``data.max_decode_errors`` JPEGs of an epoch (all ranks) that failed to decode
+        stop the run (``LoaderError``, exit 1) with final.json saying why; fewer are a warning."""
+        from .data.loaders import LoaderError
+        from .data.source import describe_failures
+        limit, where = self.cfg["data.max_decode_errors"], describe_failures(self.decode_failed)
+        if count and count <= limit and not so_far:
+            log.warning(f"warning: epoch {epoch}: {count} JPEG(s) failed to decode and were used as black "
+                        f"images ({where}); `fastvit-reduce inspect --deep FILE` lists all of them")
+        if count <= limit:
+            return
+        for v in self.variants:
+            v.exit_reason = f"{count} JPEGs failed to decode in epoch {epoch}"
+            if self.d.main:
+                v.folder.write_rows(v.rows)
+                v.folder.write_final(self.final(v, completed=False, ranks_in_sync=True))
+        raise LoaderError(f"{count} JPEG(s) failed to decode in epoch {epoch}{' so far' if so_far else ''}, "
+                          f"more than data.max_decode_errors={limit} ({where or 'on other ranks'}); the "
+                          f"file is damaged: `fastvit-reduce inspect --deep FILE` lists them, rewrite it "
+                          f"(last.pt holds the state before this epoch)")
 
     def check_nonfinite(self, epoch: int) -> None:
         """Stop each variant whose loss was non-finite for ``training.max_nonfinite`` updates in a row."""
@@ -429,13 +460,16 @@ class Trainer:
         self.check_nonfinite(epoch)
         in_sync = self.ranks_in_sync()
         completed = epoch + 1 == cfg["training.epochs"]
+        failed = int(d.all_sum([float(self.count_decode_failures())])[0])  # train and val
+        bad_data = failed > cfg["data.max_decode_errors"]
         for v in self.variants:
             if not v.active and v.exit_reason:
                 continue
             m = metrics.get(v.name, {})
             loss_sum, loss_n = d.all_sum([float(v.loss_sum), float(v.loss_n)])
             row = runstate.epoch_row(v, epoch, m, self.epoch_stats, loss=loss_sum / max(loss_n, 1), world=d.world,
-                                     res=train_res(cfg, epoch), eval_s=eval_s, peak_mem_mb=peak_mem_mb(d.device))
+                                     res=train_res(cfg, epoch), eval_s=eval_s, peak_mem_mb=peak_mem_mb(d.device),
+                                     decode_errors=failed)
             v.rows.append(row)
             head = "ema_" if "ema_top_1" in m else "raw_"
             fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
@@ -444,7 +478,7 @@ class Trainer:
                      f"lr {row['lr']:.2e} {row['train_img_s']:.0f} img/s wait {row['data_wait_frac']:.1%} "
                      f"{row['epoch_time_s']:.1f} s")
             top1 = row["eval_top1"]
-            if top1 is not None and (v.best is None or top1 > v.best):
+            if top1 is not None and (v.best is None or top1 > v.best) and not bad_data:
                 v.best = top1
                 if cfg["checkpoint.save_best"]:
                     self.save(v.folder.best_pt, lambda v=v: runstate.best_state(v, epoch, top1, head.rstrip("_")))
@@ -454,6 +488,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(d.device)
         if not in_sync:
             log.warning(f"epoch {epoch}: ranks hold different weights")
+        self.check_decode_errors(epoch, failed)  # raises before last.pt takes this epoch in
         self.save_last(epoch + 1, 0, completed=completed, in_sync=in_sync)
 
     def save_last(self, epoch: int, step: int, completed: bool = False, in_sync: bool = True) -> None:

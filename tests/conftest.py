@@ -41,6 +41,18 @@ def tiny_beton(tmp_path):
     return make
 
 
+def corrupt_jpeg(path, index: int) -> None:
+    """Zero 400 bytes of one stored JPEG's compressed data, its markers and headers intact (as disk
+    damage would): the structure check passes, libjpeg-turbo's decode fails."""
+    from ffcv.reader import Reader
+    ptr = int(Reader(str(path)).metadata["f0"]["data_ptr"][index])
+    with open(path, "r+b") as f:
+        f.seek(ptr)
+        scan = ptr + f.read(4096).index(b"\xff\xda") + 30  # inside the scan, past its header
+        f.seek(scan)
+        f.write(bytes(400))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small tensors: one intra-op thread (why: on a shared 2-core box, OpenMP threads spinning

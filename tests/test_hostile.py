@@ -11,6 +11,7 @@ import os
 import shlex
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -423,3 +424,62 @@ def test_a_jpeg_whose_frame_disagrees_with_the_sample_table_is_refused_on_read(t
     with pytest.raises(ConfigError, match=r"image 5's JPEG data holds a 24x24 px frame, but the sample "
                                           r"table says 64x24 px"):
         verify_beton(path)
+
+
+# ----------------------------------------------------------------------------- corrupt JPEGs
+def test_the_loaders_count_jpegs_that_fail_to_decode_and_black_them_out(tiny_beton, no_jit):
+    """libjpeg-turbo's error code was ignored: the sample trained on whatever the buffer held."""
+    from conftest import corrupt_jpeg
+    from fastvit_reduce.data import loaders as L
+    path = tiny_beton(n=20, write_mode="jpg")
+    corrupt_jpeg(path, 7)
+    val = L.create_val_loader(path, 8, "cpu", res=32, crop_pct=0.875, num_workers=1, in_memory=True,
+                              distributed=False)
+    first = next(iter(val))[0].clone()
+    val.close()
+    assert val.take_decode_failures() == [7] and val.take_decode_failures() == []
+    assert (first[7] == 0).all() and (first[6] != 0).any()
+    train = L.create_train_loader(path, 4, "cpu", res=32, num_workers=1, in_memory=True, batches_ahead=1,
+                                  drop_last=False, order="random", aug_repeats=1, seed=0, distributed=False,
+                                  rrc_scale=(0.08, 1), rrc_ratio=(0.75, 4 / 3), hflip=True)
+    L.set_epoch(train, 0)
+    assert sum(len(y) for _, y in train) == 20 and train.take_decode_failures() == [7]
+
+
+def test_inspect_decodes_a_sample_by_default(tiny_beton, capsys, monkeypatch):
+    from conftest import corrupt_jpeg
+    from fastvit_reduce.data import inspect as inspect_cmd
+    path = tiny_beton(n=20, write_mode="jpg")
+    corrupt_jpeg(path, 0)
+    assert inspect_cmd.main([path]) == 1  # no --deep: the 20 JPEGs are within the sample
+    assert "decoded every JPEG: 1 fail" in capsys.readouterr().out
+    monkeypatch.setattr(inspect_cmd, "SAMPLE_JPEGS", 5)  # as if the file held 4,000 JPEGs
+    assert inspect_cmd.main([path]) == 1
+    captured = capsys.readouterr()
+    assert "decoded 5 of 20 JPEGs (evenly spread; --deep: all): 1 fail" in captured.out
+    one_line_error(SimpleNamespace(readouterr=lambda: captured), "1 image(s) fail to decode: 0",
+                   "(of 5 decoded; --deep decodes all 20)")
+
+
+@pytest.mark.usefixtures("no_jit")
+def test_the_trainer_counts_decode_errors_per_epoch_and_stops_above_the_limit(cfg, tmp_path, capsys):
+    from conftest import corrupt_jpeg
+    train = write_beton(tmp_path / "train_jpg.beton", n=64, size=48, write_mode="jpg")
+    for i in (5, 40):
+        corrupt_jpeg(train, i)
+    argv = ["--config", cfg, f"--data.train_dataset={train}", f"--logging.folder={tmp_path / 'runs'}"]
+    assert main([*argv, "--logging.experiment=tolerated", "--data.max_decode_errors=5"]) == 0
+    run = tmp_path / "runs" / "tolerated"
+    assert [r["decode_errors"] for r in runs.RunFolder(run).read_rows()] == [2, 2]
+    assert json.loads((run / "final.json").read_text())["decode_errors"] == 4
+    assert "2 JPEG(s) failed to decode and were used as black images" in (run / "train.log").read_text()
+    assert f"{train}: samples 5, 40" in (run / "train.log").read_text()
+
+    capsys.readouterr()
+    assert main([*argv, "--logging.experiment=refused", "--data.max_decode_errors=1"]) == 1
+    one_line_error(capsys, "2 JPEG(s) failed to decode in epoch 0", "more than data.max_decode_errors=1",
+                   "samples 5, 40")
+    run = tmp_path / "runs" / "refused"
+    final = json.loads((run / "final.json").read_text())
+    assert not final["completed"] and final["exit_reason"] == "2 JPEGs failed to decode in epoch 0"
+    assert not (run / "last.pt").exists()  # the damaged epoch never becomes a resume point
