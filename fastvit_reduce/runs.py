@@ -326,15 +326,17 @@ def resume_position(positions: dict[str, tuple[int, int] | None],
     """Where a paired run resumes, and which file each variant loads.
 
     A paired save writes the variants' ``last.pt`` one after another, moving each old one to
-    ``prev.pt`` first and deleting the ``prev.pt`` files once all are written. kill -9 in between
-    leaves some variants one save ahead; they go back to their ``prev.pt``, which is at the common
-    position. Returns ``(position, {name: 'last' | 'prev' | None})``; ``None`` = start fresh.
+    ``prev.pt`` first and deleting the ``prev.pt`` files once all are written. kill -9 (or a
+    second Ctrl-C) in between leaves some variants one save ahead and the one being written with
+    only its ``prev.pt``; they go back to their ``prev.pt``, which is at the common position.
+    Returns ``(position, {name: 'last' | 'prev' | None})``; ``None`` = start fresh.
     """
-    if any(p is None for p in positions.values()):
+    usable = {n: p if p is not None else prev_positions.get(n) for n, p in positions.items()}
+    if any(p is None for p in usable.values()):
         # a variant never saved (kill -9 during the first save): all start over; a variant's
         # early last.pt is then simply overwritten
         return None, {n: None for n in positions}
-    target = min(positions.values())
+    target = min(usable.values())
     choice = {}
     for name, pos in positions.items():
         if pos == target:

@@ -14,8 +14,9 @@ Overrides ``--section.key=value`` apply to every variant; later ``--config`` fil
 ones and a YAML may say ``base: other.yaml``. ``--pair-part I/N`` trains variants I, I+N, ... of
 the pair. Unknown keys, flags not written 0/1 and out-of-range values stop the run before any work.
 Exit codes: 0 done (or already complete), 1 crash / every variant non-finite / unwritable
-checkpoint / dead loader, 2 configuration or user error, 124 stopped by a signal with ``last.pt``
-written. docs/training.md has the whole story (global batch, resuming, paired runs).
+checkpoint / dead loader / too many JPEGs that fail to decode, 2 configuration or user error,
+124 stopped by SIGTERM/SIGUSR1 with ``last.pt`` written, 130 stopped by Ctrl-C (once: ``last.pt``
+written at the next update; twice: at once, the last saved ``last.pt`` intact). docs/training.md has the whole story (global batch, resuming, paired runs).
 """
 from __future__ import annotations
 
@@ -287,7 +288,7 @@ def main(argv: list[str], source_factory=None) -> int:
 
     ``source_factory`` replaces the FFCV data source (``bench e2e`` runs timm's own loaders
     through the same loop; ``trainer.Trainer`` says what it is called with)."""
-    from .runtime import EXIT_OK, EXIT_USER  # why here: runtime imports torch, which --help need not
+    from .runtime import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER  # why here: runtime imports torch, which --help need not
     rank0 = int(os.environ.get("RANK", 0)) == 0
 
     def fail(msg, code=EXIT_USER):
@@ -315,6 +316,8 @@ def main(argv: list[str], source_factory=None) -> int:
             check_inputs(cfgs[0])
     except (ConfigError, StrategyError) as e:
         return fail(e)
+    except KeyboardInterrupt:
+        return fail("interrupted (Ctrl-C) before training started; nothing to save", EXIT_INTERRUPTED)
     return run(argv, cfgs, names, pair_names, source_factory, fail)
 
 
@@ -324,7 +327,8 @@ def run(argv, cfgs, names, pair_names, source_factory, fail) -> int:
 
     from . import checkpoint as ckpt
     from .data.loaders import LoaderError
-    from .runtime import EXIT_CRASH, EXIT_OK, Dist, close_logging, log, process_age, setup_logging
+    from .runtime import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_OK, Dist, close_logging, log, process_age,
+                          setup_logging)
     from .strategies import StrategyError
     from .trainer import Trainer
     rank0 = int(os.environ.get("RANK", 0)) == 0
@@ -353,6 +357,9 @@ def run(argv, cfgs, names, pair_names, source_factory, fail) -> int:
         if rank0:                                      # decode thread is a named fault, not a hang
             log.error(f"error: {e}")
         return fail(e, EXIT_CRASH)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer listens for it, or a second one
+        return fail("interrupted (Ctrl-C): stopped at once; last.pt holds the last saved state, "
+                    "re-run the same command to resume", EXIT_INTERRUPTED)
     except Exception:
         log.exception("training crashed")
         raise

@@ -39,8 +39,8 @@ from .ema import ModelEma
 from .models import gflops, mlp_stats, model_from_cfg
 from .recipe import batch_plan, check_resolutions, lr_at, needs_dynamic_size, train_res, updates_per_epoch
 from .runs import RunFolder, tensor_hash
-from .runtime import (AMP_DTYPES, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, Dist, Preempted, StopSignal,
-                      available_cores, decode_threads, log, peak_mem_mb, set_numerics)
+from .runtime import (AMP_DTYPES, EXIT_CRASH, EXIT_OK, Dist, Preempted, StopSignal, available_cores,
+                      decode_threads, log, peak_mem_mb, set_numerics)
 from .seeding import derive
 
 
@@ -272,7 +272,10 @@ class Trainer:
                 last = epoch + 1 == cfg["training.epochs"]
                 t_eval = time.monotonic()
                 due = (epoch + 1) % cfg["validation.every_n_epochs"] == 0 or last
-                metrics = self.evaluate() if self.source.has_val and due else {}
+                try:
+                    metrics = self.evaluate() if self.source.has_val and due else {}
+                except Preempted as e:
+                    self.save_interrupted(e, epoch, len(self.source))  # the epoch's steps are done
                 self.end_epoch(epoch, metrics, eval_s=time.monotonic() - t_eval)
                 if not any(v.active for v in self.variants):
                     break
@@ -280,8 +283,8 @@ class Trainer:
                     raise Preempted
         except Preempted as e:
             how = "last.pt holds the state" if e.saved else "last.pt holds the last saved state"
-            log.info(f"stopped by signal {self.stop.received}; {how}; re-run the same command to resume")
-            return EXIT_PREEMPTED
+            log.info(f"stopped by {self.stop.name}; {how}; re-run the same command to resume")
+            return self.stop.exit_code
         finally:
             self.stop.restore()
             self.source.close()
@@ -298,6 +301,15 @@ class Trainer:
         if self.stop.received is not None:
             raise Preempted(saved=False)
 
+    def save_interrupted(self, e: Preempted, epoch: int, step: int) -> None:
+        """A wait for data ended by a stop signal at an update boundary (``step``): one process
+        saves there first, so a stop loses at most the step under way; ranks of a larger run
+        are at unknown points of the epoch and keep the last saved state. Re-raises."""
+        if e.saved or self.d.world > 1:
+            raise e
+        self.save_last(epoch, step)
+        raise Preempted(saved=True) from None
+
     def train_epoch(self, epoch: int) -> None:
         """One epoch (or its rest after a mid-epoch resume): for each batch, each variant steps."""
         cfg, d = self.cfg, self.d
@@ -313,6 +325,8 @@ class Trainer:
             v.model.train()
         self.epoch_stats = s
         self.decode_failed = {}
+        if skip >= n:  # stopped during evaluation: every step of this epoch is done
+            return
         bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=not (d.main and cfg["logging.progress"]))
         make = lambda: self.source.epoch(epoch, skip)  # noqa: E731
@@ -325,6 +339,11 @@ class Trainer:
                     x, y, ready = next(batches)
                 except StopIteration:
                     raise RuntimeError(f"the train loader ended after {i} of {n} batches") from None
+                except Preempted as e:
+                    if i % accum:  # inside an accumulation group: the last update is the last position
+                        raise
+                    s["wall_s"] = time.monotonic() - t_begin
+                    self.save_interrupted(e, epoch, i)
                 s["wait_s"] += time.monotonic() - t0
                 if ready is not None:
                     main_stream = torch.cuda.current_stream(d.device)
@@ -350,7 +369,9 @@ class Trainer:
                 s["images"] += cfg["training.batch_size"]
                 bar.update(1)
                 self.updates_done += update
-                if update and i + 1 < n and self.updates_done % every == 0:
+                # one process reads its stop flag after every update: a Ctrl-C costs at most one step
+                alone_stopped = d.world == 1 and self.stop.received is not None
+                if update and i + 1 < n and (self.updates_done % every == 0 or alone_stopped):
                     s["wall_s"] = time.monotonic() - t_begin
                     self.between_updates(epoch, i + 1, bar)
         finally:

@@ -19,7 +19,7 @@ import torch
 
 from conftest import write_beton, write_tiny_config
 from fastvit_reduce import checkpoint as ckpt
-from fastvit_reduce import report, runs, sweep, trainer
+from fastvit_reduce import report, runs, runtime, sweep, trainer
 from fastvit_reduce.config import ConfigError, load
 from fastvit_reduce.settings import SECTIONS
 from fastvit_reduce.train import main
@@ -483,3 +483,86 @@ def test_the_trainer_counts_decode_errors_per_epoch_and_stops_above_the_limit(cf
     final = json.loads((run / "final.json").read_text())
     assert not final["completed"] and final["exit_reason"] == "2 JPEGs failed to decode in epoch 0"
     assert not (run / "last.pt").exists()  # the damaged epoch never becomes a resume point
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+SLOW_RUNNER = """import sys, time
+import fastvit_reduce.data.ffcv_patch  # the fast ffcv import
+from ffcv.pipeline.compiler import Compiler
+Compiler.set_enabled(False)  # why: tests skip ffcv's numba JIT
+from fastvit_reduce import trainer
+step = trainer.Variant.micro_step
+def slow(self, *args, **kwargs):  # a step long enough for a signal to land inside an epoch
+    time.sleep(0.15)
+    return step(self, *args, **kwargs)
+trainer.Variant.micro_step = slow
+from fastvit_reduce.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_stop_signal_counts_ctrl_c_and_a_second_one_raises():
+    stop = runtime.StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT and stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(cfg, tmp_path):
+    """Ctrl-C used to end in a raw KeyboardInterrupt traceback, exit 130 and no save."""
+    import subprocess
+    import sys
+    import time
+    runner = tmp_path / "runner.py"
+    runner.write_text(SLOW_RUNNER)
+    argv = [sys.executable, str(runner), "--config", cfg, "--logging.experiment=ctrl_c", "--training.epochs=3",
+            f"--logging.folder={tmp_path / 'runs'}", "--logging.every_steps=1000", "--checkpoint.every_minutes=0"]
+    run = tmp_path / "runs" / "ctrl_c"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def interrupt(times: int, after: str) -> subprocess.CompletedProcess:
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120  # a liveness limit, not a timing assertion
+        while after not in (run / "train.log").read_text() if (run / "train.log").is_file() else True:
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few steps into the epoch
+        for _ in range(times):
+            p.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+        out, err = p.communicate(timeout=120)
+        return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+    once = interrupt(1, "training ctrl_c")
+    assert once.returncode == 130 and "Traceback" not in once.stderr, once.stderr
+    assert "stopped by Ctrl-C (SIGINT); last.pt holds the state" in once.stdout
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["step_in_epoch"] < 8 and state["updates"] == state["step_in_epoch"]
+
+    log_lines = len((run / "train.log").read_text().splitlines())
+    twice = interrupt(2, "resuming from last.pt")
+    assert twice.returncode == 130 and "Traceback" not in twice.stderr + twice.stdout
+    assert twice.stderr.count("\n") == 1 and twice.stderr.startswith("error: interrupted (Ctrl-C)")
+    ckpt.load(run / "last.pt")  # the old one or a new one, never half of one
+    assert not list(run.glob(".last.pt.tmp*"))
+
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (run / "train.log").read_text().splitlines()[log_lines:]  # the log goes on
+    unbroken = subprocess.run([*argv, "--logging.experiment=unbroken"], env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert unbroken.returncode == 0, unbroken.stderr
+    fin = json.loads((run / "final.json").read_text())
+    assert fin["completed"] and fin["weights_hash"] == json.loads(
+        (tmp_path / "runs" / "unbroken" / "final.json").read_text())["weights_hash"]
+
+
+def test_a_paired_variant_stopped_inside_its_own_save_goes_back_to_prev():
+    """b's last.pt had become prev.pt and its new one was being written: all go back, none restart."""
+    assert runs.resume_position({"a": (1, 4), "b": None, "c": (1, 3)}, {"a": (1, 3), "b": (1, 3)}) == \
+        ((1, 3), {"a": "prev", "b": "prev", "c": "last"})
