@@ -11,16 +11,17 @@ import pytest
 import fastvit_reduce.data.ffcv_patch  # noqa: F401,I001 — the fast ffcv import, before any test imports ffcv
 from fastvit_reduce.data.synthetic import make_images, write_beton  # noqa: F401 — used by test modules
 
-_JIT_CACHE = "FASTVIT_REDUCE_JIT_CACHE"
+_JIT_CACHE, _JIT_KEY = "FASTVIT_REDUCE_JIT_CACHE", "FASTVIT_REDUCE_JIT_KEY"
 
 
 def pytest_configure(config):
-    """One numba cache for the session, inherited by every trainer the tests start: the first
-    process compiles the ffcv pipelines, the others load them (``fastvit_reduce.data.jit``), and
-    the user's ``~/.cache`` is left alone. An explicit ``FASTVIT_REDUCE_JIT_CACHE`` is kept."""
+    """One numba cache (and its key) for the session, inherited by every trainer the tests start:
+    the first process compiles the ffcv pipelines, the others load them (``fastvit_reduce.data.jit``),
+    and the user's ``~/.cache`` is left alone. An explicit ``FASTVIT_REDUCE_JIT_CACHE`` is kept."""
     if _JIT_CACHE not in os.environ:
         config._jit_cache = tempfile.mkdtemp(prefix="fvr_jit_")
         os.environ[_JIT_CACHE] = config._jit_cache
+        os.environ.setdefault(_JIT_KEY, os.path.join(config._jit_cache, "jit.key"))
 
 
 def pytest_unconfigure(config):
@@ -28,6 +29,8 @@ def pytest_unconfigure(config):
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
         os.environ.pop(_JIT_CACHE, None)
+        if os.environ.get(_JIT_KEY, "").startswith(folder):
+            os.environ.pop(_JIT_KEY)
 
 TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
                 depth=4, num_heads=2, num_classes=4)

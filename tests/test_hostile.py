@@ -566,3 +566,101 @@ def test_a_paired_variant_stopped_inside_its_own_save_goes_back_to_prev():
     """b's last.pt had become prev.pt and its new one was being written: all go back, none restart."""
     assert runs.resume_position({"a": (1, 4), "b": None, "c": (1, 3)}, {"a": (1, 3), "b": (1, 3)}) == \
         ((1, 3), {"a": "prev", "b": "prev", "c": "last"})
+
+
+# ----------------------------------------------------------------------------- the numba cache
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A fresh numba cache folder and key for this test, and warnings not yet given."""
+    from fastvit_reduce.data import jit, jit_trust
+    monkeypatch.setenv(jit.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(jit_trust.KEY_ENV, str(tmp_path / "key" / "jit.key"))
+    monkeypatch.setattr(jit_trust, "_key", None)
+    monkeypatch.setattr(jit, "_warned", set())
+    return tmp_path / "cache"
+
+
+def _compile_twice():
+    """``twice`` compiled through the cache; returns its dispatcher after one call."""
+    from ffcv.pipeline.compiler import Compiler
+
+    from fastvit_reduce.data import jit
+
+    def twice(x):
+        return 2 * x
+    with jit.cached_compilation():
+        compiled = Compiler.compile(twice)
+    assert compiled(np.int64(21)) == 42
+    return compiled
+
+
+def _hits(dispatcher) -> int:
+    return sum(dispatcher.stats.cache_hits.values())
+
+
+def test_a_planted_pickle_in_the_numba_cache_never_runs(own_cache, tmp_path):
+    """numba's index files are pickles: a planted .nbi ran code in the next process to start."""
+    import pickle
+    _compile_twice()
+    files = sorted(own_cache.rglob("*.nb[ic]"))
+    assert files and all(p.stat().st_mode & 0o777 == 0o600 for p in files)
+    assert (tmp_path / "key" / "jit.key").stat().st_mode & 0o777 == 0o600
+    marker = tmp_path / "PWNED"
+    for p in files:
+        p.write_bytes(pickle.dumps(_Touch(marker)))
+    with pytest.warns(RuntimeWarning, match="not signed with this user's key") as caught:
+        assert _hits(_compile_twice()) == 0
+    assert not marker.exists() and len(caught) == 1
+    assert _hits(_compile_twice()) == 1  # rewritten, signed: loaded again
+
+
+@pytest.mark.parametrize("case", ["group_writable_folder", "foreign_file", "readable_key"])
+def test_a_cache_or_key_others_could_write_is_refused_with_one_warning(own_cache, tmp_path, case):
+    _compile_twice()
+    if case == "group_writable_folder":
+        os.chmod(own_cache, 0o775)
+        words = "writable by its group"
+    elif case == "foreign_file":
+        if os.geteuid() != 0:
+            pytest.skip("only root can give a file to another user")
+        for p in own_cache.rglob("*.nb[ic]"):
+            os.chown(p, 12345, -1)
+        words = "belongs to uid 12345"
+    else:
+        from fastvit_reduce.data import jit_trust
+        os.chmod(tmp_path / "key" / "jit.key", 0o644)
+        jit_trust._key = None  # a new process reads the key again
+        words = "readable by others"
+    with pytest.warns(RuntimeWarning, match=words) as caught:
+        assert _hits(_compile_twice()) == 0
+    assert len(caught) == 1
+
+
+def test_a_trainer_start_on_a_planted_cache_runs_nothing_and_trains_alike(cfg, tmp_path):
+    """The real start: a cache filled by one run, every file replaced by a pickle that would
+    create a file; the next trainer refuses them unread, compiles, and gets the same weights."""
+    import pickle
+    import subprocess
+    import sys
+    cache, marker = tmp_path / "cache", tmp_path / "PWNED"
+    env = dict(os.environ, FASTVIT_REDUCE_JIT_CACHE=str(cache), FASTVIT_REDUCE_JIT_KEY=str(tmp_path / "jit.key"),
+               OMP_NUM_THREADS="1")
+
+    def train(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fastvit_reduce.cli", "train", "--config", cfg,
+                               "--training.epochs=1", f"--logging.experiment={name}",
+                               f"--logging.folder={tmp_path / 'runs'}"],
+                              env=env, capture_output=True, text=True, timeout=600)
+    first = train("filled")
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = list(cache.rglob("*.nb[ic]"))
+    assert files
+    for p in files:
+        p.write_bytes(pickle.dumps(_Touch(marker)))
+    second = train("planted")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not marker.exists()
+    assert second.stderr.count("RuntimeWarning") == 1 and "not signed with this user's key" in second.stderr
+    weights = [json.loads((tmp_path / "runs" / n / "final.json").read_text())["weights_hash"]
+               for n in ("filled", "planted")]
+    assert weights[0] == weights[1]
