@@ -36,10 +36,11 @@ from .config import ConfigError, dump_json, file_problem
 from .settings import STRATEGY_KNOBS
 
 # keys that may differ between a checkpoint and the run resuming it: logging, checkpointing,
-# loader tuning (threads, prefetch depth: the data stream does not depend on them), dataset paths
-# (a node may copy the data to its local disk; the contents are judged by data_changes), eval frequency/batch, compile, the dry-run switch
-HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "data.batches_ahead", "data.max_decode_errors",
-            "data.train_dataset", "data.val_dataset", "validation.every_n_epochs",
+# loader tuning (threads, prefetch depth: the data stream does not depend on them), the decode
+# error limit, dataset paths (a node may copy the data to its local disk; the contents are judged
+# by data_changes), eval frequency/batch, compile, the dry-run switch
+HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "data.batches_ahead",
+            "data.max_decode_errors", "data.train_dataset", "data.val_dataset", "validation.every_n_epochs",
             "validation.batch_size", "training.compile", "training.threads", "training.overlap")
 # timm's summary.csv columns first, then ours
 TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
@@ -298,6 +299,10 @@ def _read_json(path: Path):
         raise RunFolderError(f"{path}: cannot read JSON ({e})") from None
 
 
+def _show_data(f: dict) -> str:
+    return f"{f.get('path')} ({f.get('samples')} samples, {f.get('bytes')} bytes, header {f.get('sha256')})"
+
+
 def data_changes(saved: dict | None, current: dict | None) -> list[str]:
     """``'data.train_dataset: A -> B'`` for each dataset whose contents differ between a saved
     fingerprint (``betons.data_fingerprints``) and the current one; a dataset that only moved
@@ -311,8 +316,7 @@ def data_changes(saved: dict | None, current: dict | None) -> list[str]:
         if old is None or new is None:
             continue
         if (old.get("bytes"), old.get("samples"), old.get("sha256")) != (new["bytes"], new["samples"], new["sha256"]):
-            show = lambda f: f"{f.get('path')} ({f.get('samples')} samples, {f.get('bytes')} bytes, header {f.get('sha256')})"  # noqa: E731
-            out.append(f"data.{split}_dataset: {show(old)} -> {show(new)}")
+            out.append(f"data.{split}_dataset: {_show_data(old)} -> {_show_data(new)}")
     return out
 
 

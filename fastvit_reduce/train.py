@@ -16,7 +16,8 @@ the pair. Unknown keys, flags not written 0/1 and out-of-range values stop the r
 Exit codes: 0 done (or already complete), 1 crash / every variant non-finite / unwritable
 checkpoint / dead loader / too many JPEGs that fail to decode, 2 configuration or user error,
 124 stopped by SIGTERM/SIGUSR1 with ``last.pt`` written, 130 stopped by Ctrl-C (once: ``last.pt``
-written at the next update; twice: at once, the last saved ``last.pt`` intact). docs/training.md has the whole story (global batch, resuming, paired runs).
+written at the next update; twice: at once, the last saved ``last.pt`` intact).
+docs/training.md has the whole story (global batch, resuming, paired runs).
 """
 from __future__ import annotations
 
