@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -407,9 +408,10 @@ class Trainer:
         from .data.loaders import LoaderError
         from .data.source import describe_failures
         limit, where = self.cfg["data.max_decode_errors"], describe_failures(self.decode_failed)
+        inspect = "; ".join(f"fastvit-reduce inspect --deep {shlex.quote(p)}" for p in self.decode_failed)
         if count and count <= limit and not so_far:
             log.warning(f"warning: epoch {epoch}: {count} JPEG(s) failed to decode and were used as black "
-                        f"images ({where}); `fastvit-reduce inspect --deep FILE` lists all of them")
+                        f"images ({where}); to list them all: {inspect}")
         if count <= limit:
             return
         for v in self.variants:
@@ -418,9 +420,9 @@ class Trainer:
                 v.folder.write_rows(v.rows)
                 v.folder.write_final(self.final(v, completed=False, ranks_in_sync=True))
         raise LoaderError(f"{count} JPEG(s) failed to decode in epoch {epoch}{' so far' if so_far else ''}, "
-                          f"more than data.max_decode_errors={limit} ({where or 'on other ranks'}); the "
-                          f"file is damaged: `fastvit-reduce inspect --deep FILE` lists them, rewrite it "
-                          f"(last.pt holds the state before this epoch)")
+                          f"more than data.max_decode_errors={limit} ({where or 'on other ranks'}); the file "
+                          f"is damaged: rewrite it (last.pt holds the state before this epoch); to list them "
+                          f"all: {inspect or 'fastvit-reduce inspect --deep FILE'}")
 
     def check_nonfinite(self, epoch: int) -> None:
         """Stop each variant whose loss was non-finite for ``training.max_nonfinite`` updates in a row."""

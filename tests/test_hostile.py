@@ -464,7 +464,7 @@ def test_inspect_decodes_a_sample_by_default(tiny_beton, capsys, monkeypatch):
 @pytest.mark.usefixtures("no_jit")
 def test_the_trainer_counts_decode_errors_per_epoch_and_stops_above_the_limit(cfg, tmp_path, capsys):
     from conftest import corrupt_jpeg
-    train = write_beton(tmp_path / "train_jpg.beton", n=64, size=48, write_mode="jpg")
+    train = write_beton(tmp_path / "it's $(touch PWNED) train.beton", n=64, size=48, write_mode="jpg")
     for i in (5, 40):
         corrupt_jpeg(train, i)
     argv = ["--config", cfg, f"--data.train_dataset={train}", f"--logging.folder={tmp_path / 'runs'}"]
@@ -477,8 +477,9 @@ def test_the_trainer_counts_decode_errors_per_epoch_and_stops_above_the_limit(cf
 
     capsys.readouterr()
     assert main([*argv, "--logging.experiment=refused", "--data.max_decode_errors=1"]) == 1
-    one_line_error(capsys, "2 JPEG(s) failed to decode in epoch 0", "more than data.max_decode_errors=1",
-                   "samples 5, 40")
+    err = one_line_error(capsys, "2 JPEG(s) failed to decode in epoch 0", "more than data.max_decode_errors=1",
+                         "samples 5, 40")
+    assert printed_commands(err, "fastvit-reduce") == [["fastvit-reduce", "inspect", "--deep", train]]
     run = tmp_path / "runs" / "refused"
     final = json.loads((run / "final.json").read_text())
     assert not final["completed"] and final["exit_reason"] == "2 JPEGs failed to decode in epoch 0"
@@ -664,3 +665,30 @@ def test_a_trainer_start_on_a_planted_cache_runs_nothing_and_trains_alike(cfg, t
     weights = [json.loads((tmp_path / "runs" / n / "final.json").read_text())["weights_hash"]
                for n in ("filled", "planted")]
     assert weights[0] == weights[1]
+
+
+# ----------------------------------------------------------------------------- printed commands
+def printed_commands(text: str, program: str) -> list[list[str]]:
+    """Every command in ``text`` that starts a line or follows ': ', from ``program`` to the end of
+    its line, as the shell would split it (a line ending in ':' introduces commands, it is none)."""
+    import re
+    found = re.findall(rf"(?:^[ \t]*|: )({re.escape(program)} .*[^:])$", text, flags=re.MULTILINE)
+    return [shlex.split(cmd) for cmd in found]
+
+
+@pytest.mark.parametrize("name", ["with space", "it's", "$(touch PWNED)", "a;b|c&d", "`x`"])
+def test_every_path_printed_as_a_command_is_quoted(tmp_path, monkeypatch, capsys, name):
+    """'submit them with: sbatch PATH' printed a config's name unquoted: paste-able injection."""
+    folder = tmp_path / name
+    folder.mkdir()
+    config = folder / f"{name}.yaml"
+    config.write_text("{}\n")
+    out = folder / "out"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: the scripts are written and printed
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([str(config), "--slurm", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    [script] = (out / "slurm").iterdir()
+    assert printed_commands(printed, "sbatch") == [["sbatch", str(script.resolve())]]
+    assert printed_commands(printed, "fastvit-reduce") == [["fastvit-reduce", "report", str(out)]]
+    assert not (tmp_path / "PWNED").exists()
