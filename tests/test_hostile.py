@@ -1,4 +1,4 @@
-"""Hostile inputs, third round: each class ends in one ``error:`` line and exit 2, or is refused,
+"""Hostile inputs: each class ends in one ``error:`` line and exit 2, or is refused,
 counted and named, never a traceback, silent garbage or code run from a file.
 
 Most cases run in this process (``train.main``, ``report.main``, ``runs.main``, ``sweep.main``);
