@@ -1,8 +1,11 @@
-"""Shared test fixtures: tiny synthetic ``.beton`` files (``fastvit_reduce.data.synthetic``) and a
-tiny ViT recipe."""
+"""Shared test fixtures: tiny synthetic ``.beton`` files (``fastvit_reduce.data.synthetic``), a
+tiny ViT recipe, and helpers for hostile inputs (a damaged JPEG, a pickle that would run code,
+one-line errors, printed commands)."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import tempfile
 
@@ -111,3 +114,30 @@ def write_tiny_config(folder, name: str = "tiny.yaml", train_n: int = 64, **extr
     path = folder / name
     path.write_text(text)
     return str(path)
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+def one_line_error(capsys, *words) -> str:
+    """The captured stderr, which must be one ``error:`` line holding every word."""
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+class Touch:
+    """Unpickling this runs ``touch <path>``: the file must never appear."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.path)}",)
+
+
+def printed_commands(text: str, program: str) -> list[list[str]]:
+    """Every command in ``text`` that starts a line or follows ': ', from ``program`` to the end of
+    its line, as the shell would split it (a line ending in ':' introduces commands, it is none)."""
+    found = re.findall(rf"(?:^[ \t]*|: )({re.escape(program)} .*[^:])$", text, flags=re.MULTILINE)
+    return [shlex.split(cmd) for cmd in found]
