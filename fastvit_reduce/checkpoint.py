@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -168,15 +170,17 @@ def load(path: str | Path) -> dict:
         if bad is not None:
             fail("damaged", f"damaged: CRC mismatch in {bad} (overwritten)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        wanted = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if wanted:
-            fail("unsafe", f"unsafe pickle: refused (it asks for the Python object {wanted[1]}; "
+        with warnings.catch_warnings():  # why: a foreign pickle protocol makes torch warn before it refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — torch raises UnpicklingError, KeyError, OSError, ... on garbage
+        # why read the opcodes: torch's words differ by pickle protocol ("Unsupported operand
+        # 149", "unsupported GLOBAL"), so its message cannot tell a hostile file from a torn one
+        unsafe = [g for g in asked_globals(path) if g not in _allowed_globals()]
+        if unsafe:
+            fail("unsafe", f"unsafe pickle: refused (it asks for the Python object {unsafe[0]}; "
                            "our checkpoints hold only tensors and plain values)")
-        fail("damaged", "damaged: not a readable torch file")
-    except Exception as e:  # noqa: BLE001 — torch raises KeyError, OSError, EOFError, ... on garbage
-        detail = " ".join(str(e).split())[:120]
+        detail = " ".join(str(e).split())[:120] if not isinstance(e, pickle.UnpicklingError) else ""
         fail("damaged", f"damaged: not a readable torch file ({type(e).__name__}{': ' + detail if detail else ''})")
     if not isinstance(state, dict):
         fail("foreign", f"not a fastvit-reduce checkpoint (holds a {type(state).__name__}, not a dict)")
@@ -184,6 +188,49 @@ def load(path: str | Path) -> dict:
     if missing:
         fail("foreign", f"not a fastvit-reduce checkpoint (no {', '.join(map(repr, missing))} key)")
     return state
+
+
+def asked_globals(path: str | Path) -> list[str]:
+    """The ``module.name`` objects the pickle in ``path`` (a torch zip's ``data.pkl``, or the whole
+    file) would import, read with ``pickletools.genops``, which decodes opcodes and runs nothing.
+    What precedes a torn or garbled part of the stream still counts; unreadable files give []."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(member) if member else b""
+        else:
+            data = Path(path).read_bytes()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+        return []
+    found, strings, memo = [], [], {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):  # arg: 'module name'
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":  # module and name: the two strings pushed last
+                found.append(".".join(map(str, strings[-2:])))
+            elif isinstance(arg, str) and op.name.endswith(("UNICODE", "STRING", "UNICODE8")):
+                strings.append(arg)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if strings else None
+            elif op.name.endswith("PUT"):
+                memo[arg] = strings[-1] if strings else None
+            elif op.name.endswith("GET"):
+                strings.append(memo.get(arg))
+    except Exception:  # noqa: BLE001 — pickletools raises ValueError and others on garbage
+        pass
+    return found
+
+
+def _allowed_globals() -> set[str]:
+    """What ``torch.load(weights_only=True)`` imports (its own allowlist, where torch exposes it)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        return set(_get_allowed_globals())
+    except (ImportError, AttributeError):  # why: a private torch function; fall back to its shape
+        return {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.Size",
+                "torch.FloatStorage", "torch.LongStorage", "torch.HalfStorage", "torch.BFloat16Storage"}
 
 
 def move_aside(path: str | Path) -> Path:

@@ -16,8 +16,11 @@ makes runs hard to reproduce from their logged command).
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -131,6 +134,58 @@ def declared_keys(sections: Iterable[str] | None = None) -> dict[str, object]:
     return keys
 
 
+def file_problem(path: str | Path, label: str) -> str | None:
+    """Why ``path`` cannot be read as a regular file, as one sentence about ``label`` ("dataset",
+    "config file"): not found, a folder, a FIFO, a symbolic link loop or to nothing, a name the OS
+    refuses; None when it is a regular file (readable or not: opening it says why not)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{label} {path} is a symbolic link loop"
+        if e.errno == errno.ENOENT and os.path.lexists(path):
+            return f"{label} {path} is a symbolic link to nothing"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"{label} not found: {path}"
+        return f"cannot use {label} {path}: {e.strerror or e}"
+    except ValueError as e:  # an embedded NUL byte
+        return f"cannot use {label} {path!r}: {e}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    kind = next((word for test, word in kinds if test(mode)), "not a regular file")
+    return f"{label} {path} is {kind}, not a file"
+
+
+def read_text(path: str | Path, label: str) -> str:
+    """A UTF-8 text file's contents; ``ConfigError`` in one line when it is not a readable regular
+    file or not UTF-8 (naming the first bad byte)."""
+    problem = file_problem(path, label)
+    if problem:
+        raise ConfigError(problem)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {label} {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{label} {path} is not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                          f"{e.start})") from None
+
+
+class _Null:
+    """A YAML null (``epochs:`` with nothing after it, ``~``, ``null``), kept so that ``_flatten``
+    can refuse it by name: fastargs would treat it as "not given" and use the code's default."""
+
+    def __init__(self, line: int):
+        self.line = line
+
+    def __repr__(self) -> str:
+        return "null"
+
+
 class _DuplicateKey(yaml.YAMLError):
     """A key written twice in one YAML mapping (message: 'line N: ...')."""
 
@@ -158,10 +213,16 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_StrictLoader.add_constructor("tag:yaml.org,2002:null", lambda loader, node: _Null(node.start_mark.line + 1))
+
+
 def _flatten(tree: dict, prefix: str = "", source: str = "") -> dict[str, object]:
     flat = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
+        if isinstance(v, _Null):
+            raise ConfigError(f"{source}: line {v.line}: '{key}' has no value (an empty YAML value is "
+                              "null); write a value or delete the line")
         part = _flatten(v, key + ".", source) if isinstance(v, dict) else {key: v}
         for twice in part.keys() & flat.keys():  # 'training.epochs: 1' beside 'training: {epochs: 2}'
             raise ConfigError(f"{source}: key '{twice}' is given twice")
@@ -177,12 +238,11 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, tuple
     ``rn_configs/base.yaml`` and still be passed alone as ``--config rn_configs/thin.yaml``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    text = read_text(path, "config file")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' files include each other in a cycle")
     try:
-        tree = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+        tree = yaml.load(text, Loader=_StrictLoader) or {}
     except _DuplicateKey as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -39,13 +38,6 @@ CSV_COLUMNS = ["experiment", "seed", "strategy", "knobs", "params", "mlp_params"
 
 class ReportError(ValueError):
     """A run folder that cannot be read; the message names the folder and the problem."""
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path}: cannot read JSON ({e})") from None
 
 
 def is_run_dir(path: Path) -> bool:
@@ -71,20 +63,41 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     Other entries (a sweep's ``logs/`` or ``sweep_summary.csv``, as ``runs/sweep1/*`` expands to)
     are skipped with a note; a missing path, or no run at all, is an error.
     """
-    runs = []
+    found = []
     for p in map(Path, paths):
+        _check_name(p)
         if not p.exists():
             raise ReportError(f"{p}: no such folder")
         if p.is_dir() and is_run_dir(p):
-            runs.append(p)
+            found.append(p)
             continue
         children = runs_below(p) if p.is_dir() else []
         if not children:
             print(f"report: skipping {p} (not a run folder and holds none)", file=sys.stderr)
-        runs.extend(children)
-    if not runs:
+        for c in children:
+            _check_name(c)
+        found.extend(children)
+    if not found:
         raise ReportError(f"no run folders (with final.json or log.jsonl) in {', '.join(map(str, paths))}")
-    return runs
+    return found
+
+
+def _check_name(path: Path) -> None:
+    """A path whose name is not UTF-8 cannot be printed or written into the table: a one-line error."""
+    try:
+        runs.check_utf8("run folder", str(path))
+    except ValueError as e:
+        raise ReportError(str(e)) from None
+
+
+def check_out(out: Path) -> None:
+    """``ReportError`` unless ``out`` is (or can become) a folder we can write the summary into."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file, not a folder")
+    try:
+        runs.check_utf8("--out", str(out))
+    except ValueError as e:
+        raise ReportError(str(e)) from None
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -245,13 +258,18 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        runs = find_runs(args.runs)
-        rows = [load_run(r) for r in runs]
+        found = find_runs(args.runs)
+        rows = [load_run(r) for r in found]
+        out = Path(args.out) if args.out else Path(os.path.commonpath([r.resolve().parent for r in found]))
+        check_out(out)
+        table = write_summary(rows, out, args.baseline)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(os.path.commonpath([r.resolve().parent for r in runs]))
-    print(write_summary(rows, out, args.baseline), end="")
+    except OSError as e:  # an unreadable run folder, an unwritable --out
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(table, end="")
     print(f"\nwrote {out / 'sweep_summary.csv'}, sweep_summary.md"
           + (", sweep_summary.png" if (out / "sweep_summary.png").exists() else ""))
     return 0

@@ -15,8 +15,10 @@ One module owns the format, so the trainer, ``report``, ``sweep`` and ``compare`
         best.pt        weights of the best headline top-1 (the EMA's when EMA is on, as timm)
         train.log      the log lines
 
-"Is this the same run?" has one judge, ``config_changes``: every key except ``HARMLESS`` ones must
-match the checkpoint's. The sweep asks the same function before relaunching a finished run.
+"Is this the same run?" has one judge, ``run_changes``: every key except ``HARMLESS`` ones must
+match the checkpoint's (``config_changes``), and the datasets must hold what they held
+(``data_changes``: size, sample count and a hash of the header and sample table; a dataset may
+move). The sweep asks the same function before relaunching a finished run.
 """
 from __future__ import annotations
 
@@ -30,25 +32,27 @@ import socket
 import sys
 from pathlib import Path
 
-from .config import ConfigError, dump_json
+from .config import ConfigError, dump_json, file_problem
 from .settings import STRATEGY_KNOBS
 
 # keys that may differ between a checkpoint and the run resuming it: logging, checkpointing,
-# loader tuning (threads, prefetch depth: the data stream does not depend on them), dataset paths
-# (a node may copy the data to its local disk), eval frequency/batch, compile, the dry-run switch
+# loader tuning (threads, prefetch depth: the data stream does not depend on them), the decode
+# error limit, dataset paths (a node may copy the data to its local disk; the contents are judged
+# by data_changes), eval frequency/batch, compile, the dry-run switch
 HARMLESS = ("logging.", "checkpoint.", "data.num_workers", "data.in_memory", "data.batches_ahead",
-            "data.train_dataset", "data.val_dataset", "validation.every_n_epochs",
+            "data.max_decode_errors", "data.train_dataset", "data.val_dataset", "validation.every_n_epochs",
             "validation.batch_size", "training.compile", "training.threads", "training.overlap")
 # timm's summary.csv columns first, then ours
 TIMM_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
 LOG_KEYS = TIMM_COLUMNS + [
     "raw_top_1", "raw_top_5", "raw_loss", "ema_top_1", "ema_top_5", "ema_loss", "val_images", "res",
     "updates", "epoch_time_s", "train_time_s", "train_img_s", "data_wait_frac", "compute_s", "train_images",
-    "peak_mem_mb", "weights_hash"]
+    "peak_mem_mb", "weights_hash", "decode_errors"]
 FINAL_KEYS = ["experiment", "strategy", "arch", "img_size", "epochs", "params", "mlp_params", "gflops",
               "top_1", "best_top_1", "final_top_1", "headline", "raw_best_top_1", "raw_final_top_1",
               "best_ema_top_1", "final_ema_top_1", "total_time_s", "train_img_s", "data_wait_frac",
-              "compute_s", "train_images", "completed", "exit_reason", "weights_hash", "first_batch_hash"]
+              "compute_s", "train_images", "completed", "exit_reason", "weights_hash", "first_batch_hash",
+              "decode_errors"]
 
 
 class RunFolderError(RuntimeError):
@@ -65,15 +69,40 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     return config_diff(saved, current, is_harmless)
 
 
+NAME_MAX = 255  # bytes in one file name (Linux and macOS filesystems)
+
+
+def run_changes(saved_cfg: dict, saved_data: dict | None, cfg: dict, data: dict | None) -> list[str]:
+    """Every difference that makes a saved run another run than ``cfg`` on ``data`` (the judge)."""
+    return config_changes(saved_cfg, cfg) + data_changes(saved_data, data)
+
+
 def check_experiment_name(name: str) -> str:
     """``name`` if it is one plain folder name; ``ConfigError`` otherwise (no '..', '/', '.', control
-    characters): a run must land in its own folder directly below ``logging.folder``."""
+    characters): a run must land in its own folder directly below ``logging.folder``. It must also
+    be UTF-8 (logs, reports and JSON print it) and short enough for the filesystem."""
     if (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("-")
             or any(ord(c) < 32 or ord(c) == 127 for c in name)):
         raise ConfigError(f"logging.experiment={name!r} must be a plain folder name (no '/', '..', "
                           f"'.', leading '-' or control characters): runs live directly below "
                           f"logging.folder")
+    check_utf8("logging.experiment", name)
+    size = len(os.fsencode(name))
+    if size > NAME_MAX:
+        raise ConfigError(f"logging.experiment is {size} bytes long ({name[:40]!r}...); a folder name "
+                          f"may have at most {NAME_MAX}")
     return name
+
+
+def check_utf8(what: str, text: str) -> str:
+    """``text`` unless it holds bytes that are not UTF-8 (Python keeps them as surrogates, which
+    cannot be printed or logged); ``ConfigError`` naming ``what`` otherwise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ConfigError(f"{what} '{shown}' is not valid UTF-8; rename it") from None
+    return text
 
 
 def weights_hash(state_dict: dict) -> str:
@@ -113,29 +142,34 @@ class RunFolder:
 
     # ------------------------------------------------------------------ creating and locking
     def create(self) -> None:
-        """Make the folder; a path that is a file or not writable is a ``RunFolderError``."""
+        """Make the folder; a path that is a file, not writable or refused by the OS (too long,
+        inside /proc or /sys) is a ``RunFolderError``."""
         parent = self.path.parent
-        if parent.exists() and not parent.is_dir():
-            raise RunFolderError(f"logging.folder {parent} is a file, not a folder")
-        if self.path.exists() and not self.path.is_dir():
-            raise RunFolderError(f"run folder {self.path} is a file, not a folder")
         try:
+            if parent.exists() and not parent.is_dir():
+                raise RunFolderError(f"logging.folder {parent} is a file, not a folder")
+            if self.path.exists() and not self.path.is_dir():
+                raise RunFolderError(f"run folder {self.path} is a file, not a folder")
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunFolderError(f"cannot create run folder {self.path}: {e.strerror}") from None
+        except OSError as e:  # ENAMETOOLONG, EACCES, EPERM (/sys), ENOENT (/proc), EROFS ...
+            raise RunFolderError(f"cannot create run folder {self.path}: {e.strerror or e}") from None
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise RunFolderError(f"run folder {self.path} is not writable")
 
     def lock(self) -> str | None:
         """Take the folder's exclusive lock (``flock`` on ``.lock``; the OS drops it when this
         process dies, kill -9 included). ``RunFolderError`` naming the holder when another
-        trainer has it. Returns a warning when the filesystem cannot lock (then nothing is held).
+        trainer has it, or when nothing can be written here. Returns a warning when the
+        filesystem cannot lock (then nothing is held).
 
         ``flock`` is honoured across hosts on NFSv4 (Linux maps it to a POSIX lock) and on Lustre
         mounted with ``-o flock``; with ``-o localflock`` or ``noflock`` it only guards one host.
         """
         lock_path = self.path / ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # why here too: os.access says yes to root in /proc, where nothing can be created
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunFolderError(f"cannot write in run folder {self.path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -177,23 +211,41 @@ class RunFolder:
 
     # ------------------------------------------------------------------ reading back
     def read_final(self) -> dict | None:
-        return _read_json(self.path / "final.json")
+        """``final.json`` (None if absent); ``RunFolderError`` naming the file when it is not
+        UTF-8 JSON of the shape the trainer writes."""
+        final = _read_json(self.path / "final.json")
+        if final is not None:
+            _check_types(final, FINAL_TYPES, self.path / "final.json")
+        return final
 
     def read_params(self) -> dict | None:
-        return _read_json(self.path / "params.json")
+        """``params.json`` (None if absent); ``RunFolderError`` as ``read_final``."""
+        path = self.path / "params.json"
+        params = _read_json(path)
+        if params is not None:
+            _check_types(params, PARAMS_TYPES, path)
+            pair = params.get("pair")
+            if pair is not None and not _is_list_of_str(pair.get("variants")):
+                raise RunFolderError(f"{path}: 'pair' holds no list of variant names")
+        return params
 
     def read_rows(self) -> list[dict]:
-        """Rows of ``log.jsonl`` (a line torn by kill -9 is skipped)."""
+        """Rows of ``log.jsonl`` (a line torn by kill -9 is skipped; a row of the wrong shape is a
+        ``RunFolderError``)."""
         rows = []
         path = self.path / "log.jsonl"
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("epoch"), int):
-                    rows.append(row)
+        try:
+            lines = path.read_bytes().splitlines() if path.is_file() else []
+        except OSError as e:
+            raise RunFolderError(f"cannot read {path}: {e.strerror or e}") from None
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)  # bytes: invalid UTF-8 raises, as a torn line does
+            except ValueError:
+                continue
+            if isinstance(row, dict) and type(row.get("epoch")) is int:
+                _check_types(row, ROW_TYPES, f"{path} line {n}")
+                rows.append(row)
         return rows
 
     def is_complete(self) -> bool:
@@ -201,13 +253,72 @@ class RunFolder:
         return bool(final and final.get("completed"))
 
 
+_NUMBER, _TEXT = (int, float, type(None)), (str, type(None))
+# what report, compare and resume read from final.json / params.json / log.jsonl, and its types
+FINAL_TYPES = {**{k: _NUMBER for k in ("params", "mlp_params", "gflops", "img_size", "epochs", "top_1",
+                                       "best_top_1", "final_top_1", "raw_best_top_1", "raw_final_top_1",
+                                       "best_ema_top_1", "final_ema_top_1", "total_time_s", "train_img_s",
+                                       "data_wait_frac", "epochs_done", "updates", "torch_threads",
+                                       "decode_errors")},
+               **{k: _TEXT for k in ("experiment", "strategy", "arch", "headline", "exit_reason",
+                                     "weights_hash", "first_batch_hash")},
+               "completed": (bool,), "paired_with": (list, type(None))}
+PARAMS_TYPES = {"config": (dict,), "pair": (dict, type(None)), "data": (dict, type(None))}
+ROW_TYPES = {k: _NUMBER for k in LOG_KEYS if k != "weights_hash"}
+
+
+def _is_list_of_str(value) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def _check_types(obj, types: dict, where) -> None:
+    """``RunFolderError`` unless ``obj`` is a dict whose keys in ``types`` have those types."""
+    if not isinstance(obj, dict):
+        raise RunFolderError(f"{where}: expected a JSON object, found a {type(obj).__name__}")
+    for key, allowed in types.items():
+        value = obj.get(key)
+        if key in obj and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            raise RunFolderError(f"{where}: {key!r} is {value!r}, expected "
+                                 + " or ".join("null" if t is type(None) else t.__name__ for t in allowed))
+    if "paired_with" in obj and obj["paired_with"] is not None and not _is_list_of_str(obj["paired_with"]):
+        raise RunFolderError(f"{where}: 'paired_with' is not a list of names")
+
+
 def _read_json(path: Path):
+    """The JSON in ``path``, None if absent; ``RunFolderError`` naming it when unreadable."""
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise RunFolderError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return json.loads(data)  # bytes: UTF-8 (or -16/-32) is detected, anything else raises
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path}: not UTF-8 text") from None
+    except ValueError as e:
         raise RunFolderError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _show_data(f: dict) -> str:
+    return f"{f.get('path')} ({f.get('samples')} samples, {f.get('bytes')} bytes, header {f.get('sha256')})"
+
+
+def data_changes(saved: dict | None, current: dict | None) -> list[str]:
+    """``'data.train_dataset: A -> B'`` for each dataset whose contents differ between a saved
+    fingerprint (``betons.data_fingerprints``) and the current one; a dataset that only moved
+    (same size, samples and header hash at another path) is the same data. Nothing to compare
+    (an older run, or a data source without .beton files) is no change."""
+    if not saved or not current:
+        return []
+    out = []
+    for split, old in saved.items():
+        new = current.get(split)
+        if old is None or new is None:
+            continue
+        if (old.get("bytes"), old.get("samples"), old.get("sha256")) != (new["bytes"], new["samples"], new["sha256"]):
+            out.append(f"data.{split}_dataset: {_show_data(old)} -> {_show_data(new)}")
+    return out
 
 
 def position(state: dict) -> tuple[int, int]:
@@ -220,15 +331,17 @@ def resume_position(positions: dict[str, tuple[int, int] | None],
     """Where a paired run resumes, and which file each variant loads.
 
     A paired save writes the variants' ``last.pt`` one after another, moving each old one to
-    ``prev.pt`` first and deleting the ``prev.pt`` files once all are written. kill -9 in between
-    leaves some variants one save ahead; they go back to their ``prev.pt``, which is at the common
-    position. Returns ``(position, {name: 'last' | 'prev' | None})``; ``None`` = start fresh.
+    ``prev.pt`` first and deleting the ``prev.pt`` files once all are written. kill -9 (or a
+    second Ctrl-C) in between leaves some variants one save ahead and the one being written with
+    only its ``prev.pt``; they go back to their ``prev.pt``, which is at the common position.
+    Returns ``(position, {name: 'last' | 'prev' | None})``; ``None`` = start fresh.
     """
-    if any(p is None for p in positions.values()):
+    usable = {n: p if p is not None else prev_positions.get(n) for n, p in positions.items()}
+    if any(p is None for p in usable.values()):
         # a variant never saved (kill -9 during the first save): all start over; a variant's
         # early last.pt is then simply overwritten
         return None, {n: None for n in positions}
-    target = min(positions.values())
+    target = min(usable.values())
     choice = {}
     for name, pos in positions.items():
         if pos == target:
@@ -302,14 +415,13 @@ def main(argv: list[str]) -> int:
         print("usage: fastvit-reduce compare RUN_A RUN_B   (exit 0 equal, 1 different, 2 error)",
               file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
-    for p in argv:
-        if not (Path(p) / "final.json").is_file():
-            print(f"error: {p}: no final.json (not a finished or started run folder)",
-                  file=sys.stderr)
-            return 2
     try:
+        for p in argv:
+            check_utf8("run folder", p)
+            if file_problem(Path(p) / "final.json", "final.json"):
+                raise RunFolderError(f"{p}: no final.json (not a finished or started run folder)")
         equal, text = compare(*argv)
-    except RunFolderError as e:
+    except (RunFolderError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)

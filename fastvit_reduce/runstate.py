@@ -12,17 +12,22 @@ import logging
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .runs import config_changes, position, resume_position, weights_hash
+from .runs import position, resume_position, run_changes, weights_hash
 
 log = logging.getLogger("fastvit_reduce")
 FORMAT = 2  # of last.pt / best.pt
+# what resuming reads from last.pt besides checkpoint.OUR_KEYS (best.pt has none of the first three)
+LAST_KEYS = ("optimizer", "scaler", "step_in_epoch", "updates", "best", "elapsed_s", "config")
+BEST_KEYS = ("config",)
 
 
 # ----------------------------------------------------------------------------- checkpoint contents
 def weights_state(v, epoch: int) -> dict:
-    """What every checkpoint of a variant holds: its weights (and EMA), epoch and config."""
+    """What every checkpoint of a variant holds: its weights (and EMA), epoch, config and the
+    fingerprints of its datasets (``betons.data_fingerprints``; None for another data source)."""
     return {"format": FORMAT, "model": v.model.state_dict(),
-            "ema": None if v.ema is None else v.ema.state_dict(), "epoch": epoch, "config": v.cfg}
+            "ema": None if v.ema is None else v.ema.state_dict(), "epoch": epoch, "config": v.cfg,
+            "data": v.data}
 
 
 def best_state(v, epoch: int, top1: float, headline: str) -> dict:
@@ -39,6 +44,26 @@ def last_state(v, epoch: int, step: int, epoch_stats: dict, elapsed_s: float) ->
                             "lr_sum": v.lr_sum, "lr_n": v.lr_n, "compute_s": v.timer.read(),
                             **epoch_stats} if step else {},
             "best": v.best, "rows": list(v.rows), "first_batch_hash": v.first_batch_hash}
+
+
+def check_contents(state: dict, path, keys=LAST_KEYS) -> dict:
+    """``state`` if it is one of our checkpoints of this format holding ``keys``; else
+    ``CheckpointError`` (kind ``"foreign"``) saying what the file is."""
+    fmt = state.get("format")
+    if fmt != FORMAT:
+        raise ckpt.CheckpointError(f"checkpoint {path}: written in checkpoint format {fmt!r} by another "
+                                   f"version of fastvit-reduce; this one reads format {FORMAT}", "foreign")
+    missing = [k for k in keys if k not in state]
+    if missing and "top_1" in state and "optimizer" not in state:
+        raise ckpt.CheckpointError(f"checkpoint {path}: this is a best.pt (weights only: no optimizer state "
+                                   "or position), not a last.pt", "foreign")
+    if missing:
+        raise ckpt.CheckpointError(f"checkpoint {path}: not a last.pt of fastvit-reduce (no "
+                                   f"{', '.join(map(repr, missing))} key)", "foreign")
+    bad = [k for k in ("epoch", "step_in_epoch", "updates") if k in state and type(state[k]) is not int]
+    if bad:
+        raise ckpt.CheckpointError(f"checkpoint {path}: {bad[0]!r} is {state[bad[0]]!r}, not an integer", "foreign")
+    return state
 
 
 def restore(v, state: dict) -> None:
@@ -68,7 +93,7 @@ def resume(variants: list, d) -> tuple[int, int, dict]:
         state = _load_or_none(v, v.folder.last_pt, d)
         states[v.name] = state
         positions[v.name] = position(state) if state else None
-        prev = ckpt.load(v.folder.prev_pt) if v.folder.prev_pt.is_file() else None
+        prev = check_contents(ckpt.load(v.folder.prev_pt), v.folder.prev_pt) if v.folder.prev_pt.is_file() else None
         prevs[v.name] = (position(prev), prev) if prev else None
     pos, choice = resume_position(positions, {n: p[0] for n, p in prevs.items() if p})
     seen = d.all_sum([float(pos is not None)])[0]
@@ -97,12 +122,13 @@ def _load_or_none(v, path, d) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return ckpt.load(path)
+        return check_contents(ckpt.load(path), path)
     except ckpt.CheckpointError as e:
         mode = v.cfg["checkpoint.on_damaged"]
         if mode == "refuse" or e.kind == "unreadable":  # why: a permission problem is not damage
             raise ConfigError(f"{e}. Re-run with --checkpoint.on_damaged=fresh (start over) or "
-                              f"=best (start from best.pt); either moves the bad file aside") from None
+                              "--checkpoint.on_damaged=best (start from best.pt); either moves the bad "
+                              "file aside") from None
         moved = ckpt.move_aside(path) if d.main else path
         log.warning(f"{path} is unusable ({e}); moved to {moved.name}; starting "
                     f"{'from best.pt' if mode == 'best' else 'fresh'}")
@@ -114,7 +140,7 @@ def _maybe_from_best(v, d) -> None:
     """After a damaged ``last.pt`` with ``on_damaged=best``: ``best.pt``'s weights, a fresh optimizer."""
     if not (getattr(v, "start_from_best", False) and v.folder.best_pt.is_file()):
         return
-    best = ckpt.load(v.folder.best_pt)
+    best = check_contents(ckpt.load(v.folder.best_pt), v.folder.best_pt, BEST_KEYS)
     check_same_run(v, best, d.world)
     v.model.load_state_dict(best["model"])
     if v.ema is not None and best.get("ema") is not None:
@@ -125,15 +151,20 @@ def _maybe_from_best(v, d) -> None:
 
 
 def check_same_run(v, state: dict, world: int) -> None:
-    """``ConfigError`` naming the settings in which ``state`` differs from ``v``'s run."""
+    """``ConfigError`` naming the settings (and datasets) in which ``state`` differs from ``v``'s run."""
     if not isinstance(state.get("config"), dict):
         raise ConfigError(f"{v.folder.last_pt}: not a fastvit-reduce checkpoint (no config)")
-    diff = config_changes(state["config"], v.cfg)
+    saved_data = state.get("data") if isinstance(state.get("data"), dict) else None
+    diff = run_changes(state["config"], saved_data, v.cfg, v.data)
     if state.get("world_size", world) != world:
         diff.append(f"number of processes: {state['world_size']} -> {world}")
     if diff:
-        raise ConfigError(f"{v.folder.path} was written with a different configuration; use another "
+        raise ConfigError(f"{v.folder.path} was written with a different configuration or data; use another "
                           "logging.experiment or restore these settings:\n  " + "\n  ".join(diff))
+    for split, old in (saved_data or {}).items():
+        new = (v.data or {}).get(split)
+        if old and new and old.get("path") != new["path"]:
+            log.info(f"{v.name}: data.{split}_dataset moved from {old.get('path')} to {new['path']} (same contents)")
 
 
 # ----------------------------------------------------------------------------- rows and summary
@@ -142,9 +173,10 @@ def _round(x, digits: int):
 
 
 def epoch_row(v, epoch: int, metrics: dict, train: dict, *, loss: float, world: int, res: int,
-              eval_s: float, peak_mem_mb: float) -> dict:
+              eval_s: float, peak_mem_mb: float, decode_errors: int = 0) -> dict:
     """One ``log.jsonl`` row: timm's ``summary.csv`` columns (headline = EMA when evaluated), then
-    raw and EMA metrics, speed and the weights hash. ``train``: the epoch's wall_s, wait_s, images."""
+    raw and EMA metrics, speed, the weights hash and the JPEGs that failed to decode this epoch.
+    ``train``: the epoch's wall_s, wait_s, images."""
     head = "ema_" if "ema_top_1" in metrics else "raw_"
     wall = max(train["wall_s"], 1e-9)
     return {"epoch": epoch, "train_loss": _round(loss, 5),
@@ -158,7 +190,8 @@ def epoch_row(v, epoch: int, metrics: dict, train: dict, *, loss: float, world: 
             "data_wait_frac": _round(train["wait_s"] / wall, 4),
             # this variant's own forward/backward/optimizer seconds, and the images it stepped on
             "compute_s": _round(v.timer.read(), 3), "train_images": train["images"] * world,
-            "peak_mem_mb": _round(peak_mem_mb, 1), "weights_hash": weights_hash(v.model.state_dict())}
+            "peak_mem_mb": _round(peak_mem_mb, 1), "weights_hash": weights_hash(v.model.state_dict()),
+            "decode_errors": decode_errors}
 
 
 def final_summary(v, *, completed: bool, ranks_in_sync: bool, elapsed_s: float, process: dict,
@@ -185,5 +218,6 @@ def final_summary(v, *, completed: bool, ranks_in_sync: bool, elapsed_s: float, 
             "completed": completed and reason == "completed", "exit_reason": reason,
             "weights_hash": rows[-1]["weights_hash"] if rows else None,
             "first_batch_hash": v.first_batch_hash, "epochs_done": len(rows), "updates": v.updates,
+            "decode_errors": sum(r.get("decode_errors") or 0 for r in rows),
             **{k: v.plan[k] for k in ("global_batch", "accum", "per_gpu_batch")},
             "peak_lr": v.plan["peak_lr"], **process, "ranks_in_sync": ranks_in_sync, "paired_with": paired_with}

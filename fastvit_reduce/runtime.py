@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-EXIT_OK, EXIT_CRASH, EXIT_USER, EXIT_PREEMPTED = 0, 1, 2, 124
+EXIT_OK, EXIT_CRASH, EXIT_USER, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 1, 2, 124, 130
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # training.amp -> autocast dtype ("off": none)
 log = logging.getLogger("fastvit_reduce")
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived (``saved`` tells whether ``last.pt`` holds this position)."""
+    """SIGTERM/SIGUSR1/SIGINT arrived (``saved`` tells whether ``last.pt`` holds this position)."""
 
     def __init__(self, saved: bool = True):
         super().__init__()
@@ -104,16 +104,30 @@ def process_age() -> float:
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 (cluster preemption) until the loop can act on it."""
+    """Remembers SIGTERM/SIGUSR1 (cluster preemption) and SIGINT (Ctrl-C) until the loop can save
+    and stop; a second Ctrl-C raises ``KeyboardInterrupt`` at once (a save it interrupts removes
+    its temporary file, so ``last.pt`` stays the previous one)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the first stop signal
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.received = signum
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+
+    @property
+    def exit_code(self) -> int:
+        """130 after Ctrl-C (the shell's convention), 124 after a scheduler's signal."""
+        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_PREEMPTED
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C (SIGINT)" if self.received == signal.SIGINT else f"signal {int(self.received)}"
 
     def restore(self):
         for s, handler in self.previous.items():

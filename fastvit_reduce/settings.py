@@ -71,6 +71,9 @@ Section("data", "FFCV datasets and loading").params(
     rrc_ratio=Param(FloatList(2), "RandomResizedCrop aspect-ratio range",
                     default=[0.75, 1.3333333]),
     hflip=Param(Bool01(), "random horizontal flip", default=1),
+    max_decode_errors=Param(Number(int, 0), "JPEGs that may fail to decode per epoch (train + val, all "
+                            "processes; each is used as a black image, counted in log.jsonl and final.json); "
+                            "more stop the run with an error (exit 1)", default=10),
 )
 Section("resolution", "progressive resizing of train images (as in ffcv-imagenet)").params(
     min_res=Param(Number(int, 1), "train resolution up to start_ramp, px", default=224),
@@ -225,6 +228,8 @@ Section("cfg", "writing an ImageFolder split to a .beton (fastvit-reduce write)"
     smart_threshold=Param(Number(int, 0), "bytes of raw pixels above which write_mode=smart "
                           "stores JPEG (150528 = a 224x224 RGB image)", default=224 * 224 * 3),
     jpeg_quality=Param(Number(int, 1, 100), "JPEG quality of stored images", default=90),
+    max_aspect=Param(Number(float, 0), "skip (and list in the report) an image whose long side is more "
+                     "than this many times its short side (0 = keep all)", default=20.0),
     num_workers=Param(Number(int, 0), "writer processes (0 = one per CPU core)", default=0),
     chunk_size=Param(Number(int, 1), "images a worker takes at a time", default=100),
     subset=Param(Number(int, -1), "first N images of each class (-1 or 0 = all)", default=-1),

@@ -18,7 +18,7 @@ so a run is exactly what you would get by hand, and its folder is ``OUT/<config 
   run did not finish, 124 if the sweep itself was interrupted (SIGINT/SIGTERM are passed on to
   the jobs, which save ``last.pt``), else 0.
 * Re-running the same command skips runs whose ``final.json`` says ``completed`` when the config
-  and ``--set`` resolve to the same settings (the trainer's own judge, ``runs.config_changes``);
+  and ``--set`` resolve to the same settings (the trainer's own judge, ``runs.run_changes``);
   others are launched again and resume from their ``last.pt``. After a config change the trainer
   refuses the old run folder, naming the changed keys; delete it to redo.
 * ``--paired``: all configs train in ONE trainer process, stepping in turn on each batch, which is
@@ -122,15 +122,19 @@ def resolved_configs(job: Job, out: Path, overrides: list[str]) -> list[dict] | 
 
 def can_skip(job: Job, out: Path, overrides: list[str]) -> bool:
     """A job is skipped when all its runs completed with the configuration it would run now.
-    The judge of "same run" is the trainer's (``runs.config_changes``), nothing of the sweep's."""
+    The judge of "same run" is the trainer's (``runs.run_changes``), nothing of the sweep's."""
     if not job_complete(job):
         return False
     cfgs = resolved_configs(job, out, overrides)
     if cfgs is None:
         return False
+    from fastvit_reduce.data.betons import data_fingerprints
     for cfg, d in zip(cfgs, run_dirs(job)):
-        params = runs.RunFolder(d).read_params() or {}
-        if runs.config_changes(params.get("config", {}), cfg):
+        try:
+            params = runs.RunFolder(d).read_params() or {}
+        except runs.RunFolderError:
+            return False  # the trainer names the damaged file
+        if runs.run_changes(params.get("config", {}), params.get("data"), cfg, data_fingerprints(cfg)):
             return False
     return True
 
@@ -486,6 +490,8 @@ def main(argv: list[str]) -> int:
         for c in args.configs:
             refuse_control_chars("config path", c)
         refuse_control_chars("--out", args.out)
+        if out.exists() and not out.is_dir():
+            raise SweepError(f"--out {out} is a file, not a folder")
         refuse_control_chars("--time", args.time)
         for kv in args.set:
             refuse_control_chars("--set", kv)

@@ -14,8 +14,10 @@ Overrides ``--section.key=value`` apply to every variant; later ``--config`` fil
 ones and a YAML may say ``base: other.yaml``. ``--pair-part I/N`` trains variants I, I+N, ... of
 the pair. Unknown keys, flags not written 0/1 and out-of-range values stop the run before any work.
 Exit codes: 0 done (or already complete), 1 crash / every variant non-finite / unwritable
-checkpoint / dead loader, 2 configuration or user error, 124 stopped by a signal with ``last.pt``
-written. docs/training.md has the whole story (global batch, resuming, paired runs).
+checkpoint / dead loader / too many JPEGs that fail to decode, 2 configuration or user error,
+124 stopped by SIGTERM/SIGUSR1 with ``last.pt`` written, 130 stopped by Ctrl-C (once: ``last.pt``
+written at the next update; twice: at once, the last saved ``last.pt`` intact).
+docs/training.md has the whole story (global batch, resuming, paired runs).
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, declared_keys, load, parse_argv, resolved
-from .data.betons import check_beton, check_datasets, label_range, read_classes, stored_size, verify_beton
+from .data.betons import (check_beton, check_datasets, data_fingerprints, label_range, read_classes, stored_size,
+                          verify_beton)
 from .recipe import (batch_plan, batches_per_epoch, check_schedule, lr_at, resolution_warnings, train_resolutions,
                      updates_per_epoch, val_res)
-from .runs import RunFolder, RunFolderError, check_experiment_name, config_changes
+from .runs import RunFolder, RunFolderError, check_experiment_name, check_utf8, run_changes
 from .settings import PER_VARIANT, SECTIONS, SHARED_MODEL_KEYS
 
 
@@ -105,6 +108,7 @@ def resolve_variants(argv: list[str], whole: bool = False) -> list[tuple[dict, s
     for files, overrides in args.variants():
         load(files, overrides, SECTIONS)
         cfg = resolved(SECTIONS)
+        check_utf8("logging.folder", cfg["logging.folder"])
         out.append((cfg, experiment_name(cfg, files)))
     check_pairable([c for c, _ in out], [n for _, n in out])
     return out if whole else select_part(out, args.part)
@@ -230,7 +234,8 @@ def prepare_folder(f: RunFolder, cfg: dict) -> bool:
     ckpt.clean_stale_tmp(f.path)
     final = f.read_final() or {}
     if final.get("completed"):
-        diff = config_changes((f.read_params() or {}).get("config", cfg), cfg)
+        params = f.read_params() or {}
+        diff = run_changes(params.get("config", cfg), params.get("data"), cfg, data_fingerprints(cfg))
         if diff:
             raise ConfigError(f"{f.path} is a finished run with a different configuration; use another "
                               "logging.experiment or restore:\n  " + "\n  ".join(diff))
@@ -268,6 +273,7 @@ def write_params(trainer, argv: list[str], pair_names: list[str]) -> None:
         # the whole pair, also the variants other processes train (--pair-part)
         info["pair"] = {"variants": pair_names, "baseline": pair_names[0]} if len(pair_names) > 1 else None
         info["plan"] = v.plan
+        info["data"] = v.data  # the datasets' fingerprints: a finished run is judged on them too
         v.folder.write_params(info)
 
 
@@ -283,7 +289,7 @@ def main(argv: list[str], source_factory=None) -> int:
 
     ``source_factory`` replaces the FFCV data source (``bench e2e`` runs timm's own loaders
     through the same loop; ``trainer.Trainer`` says what it is called with)."""
-    from .runtime import EXIT_OK, EXIT_USER  # why here: runtime imports torch, which --help need not
+    from .runtime import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER  # why here: runtime imports torch, which --help need not
     rank0 = int(os.environ.get("RANK", 0)) == 0
 
     def fail(msg, code=EXIT_USER):
@@ -311,6 +317,8 @@ def main(argv: list[str], source_factory=None) -> int:
             check_inputs(cfgs[0])
     except (ConfigError, StrategyError) as e:
         return fail(e)
+    except KeyboardInterrupt:
+        return fail("interrupted (Ctrl-C) before training started; nothing to save", EXIT_INTERRUPTED)
     return run(argv, cfgs, names, pair_names, source_factory, fail)
 
 
@@ -320,7 +328,8 @@ def run(argv, cfgs, names, pair_names, source_factory, fail) -> int:
 
     from . import checkpoint as ckpt
     from .data.loaders import LoaderError
-    from .runtime import EXIT_CRASH, EXIT_OK, Dist, close_logging, log, process_age, setup_logging
+    from .runtime import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_OK, Dist, close_logging, log, process_age,
+                          setup_logging)
     from .strategies import StrategyError
     from .trainer import Trainer
     rank0 = int(os.environ.get("RANK", 0)) == 0
@@ -349,6 +358,9 @@ def run(argv, cfgs, names, pair_names, source_factory, fail) -> int:
         if rank0:                                      # decode thread is a named fault, not a hang
             log.error(f"error: {e}")
         return fail(e, EXIT_CRASH)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer listens for it, or a second one
+        return fail("interrupted (Ctrl-C): stopped at once; last.pt holds the last saved state, "
+                    "re-run the same command to resume", EXIT_INTERRUPTED)
     except Exception:
         log.exception("training crashed")
         raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,8 +41,8 @@ from .models import gflops, mlp_stats, model_from_cfg
 from .recipe import (batch_plan, check_determinism, check_resolutions, lr_at, needs_dynamic_size, train_res,
                      train_resolutions, updates_per_epoch)
 from .runs import RunFolder, tensor_hash
-from .runtime import (AMP_DTYPES, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, Dist, Preempted, StopSignal,
-                      available_cores, decode_threads, log, peak_mem_mb, set_numerics)
+from .runtime import (AMP_DTYPES, EXIT_CRASH, EXIT_OK, Dist, Preempted, StopSignal, available_cores,
+                      decode_threads, log, peak_mem_mb, set_numerics)
 from .seeding import derive
 from .steptime import ComputeTimer
 
@@ -86,6 +87,7 @@ class Variant:
         self.active, self.exit_reason, self.saved_final = True, None, False
         self.first_batch_hash = None
         self.timer = ComputeTimer(dev)  # this variant's own step time (a paired run shares the wall clock)
+        self.data = None  # fingerprints of the .beton files (set by Trainer; None for other sources)
         self.reset_epoch_sums()
 
     def build_model(self) -> nn.Module:
@@ -213,6 +215,10 @@ class Trainer:
         self.plan = batch_plan(self.cfg, d.world)
         set_numerics(d.device, self.cfg["training.deterministic"])
         self.variants = self.build_variants(folders)
+        if source_factory is None:  # what "the same run" means for the data (runs.data_changes)
+            from .data.betons import data_fingerprints
+            for v in self.variants:
+                v.data = data_fingerprints(self.cfg)
         self.start_epoch, self.skip, self.epoch_stats = runstate.resume(self.variants, d)
         self.source = self.build_source(source_factory)
         self.threads = self.fix_threads()
@@ -221,6 +227,7 @@ class Trainer:
         self.source.set_poll(self.poll_stop)
         self.last_save = time.monotonic()
         self.updates_done = 0  # updates stepped by this process (the cadence of host reads)
+        self.decode_failed: dict[str, list[int]] = {}  # this epoch's JPEGs that failed to decode, this rank
         self.startup_s = None  # process start -> ready to train (train.main sets it)
 
     # ------------------------------------------------------------------ build steps
@@ -295,7 +302,10 @@ class Trainer:
                 last = epoch + 1 == cfg["training.epochs"]
                 t_eval = time.monotonic()
                 due = (epoch + 1) % cfg["validation.every_n_epochs"] == 0 or last
-                metrics = self.evaluate() if self.source.has_val and due else {}
+                try:
+                    metrics = self.evaluate() if self.source.has_val and due else {}
+                except Preempted as e:
+                    self.save_interrupted(e, epoch, len(self.source))  # the epoch's steps are done
                 self.end_epoch(epoch, metrics, eval_s=time.monotonic() - t_eval)
                 if not any(v.active for v in self.variants):
                     break
@@ -303,8 +313,8 @@ class Trainer:
                     raise Preempted
         except Preempted as e:
             how = "last.pt holds the state" if e.saved else "last.pt holds the last saved state"
-            log.info(f"stopped by signal {self.stop.received}; {how}; re-run the same command to resume")
-            return EXIT_PREEMPTED
+            log.info(f"stopped by {self.stop.name}; {how}; re-run the same command to resume")
+            return self.stop.exit_code
         finally:
             self.stop.restore()
             self.source.close()
@@ -321,6 +331,15 @@ class Trainer:
         if self.stop.received is not None:
             raise Preempted(saved=False)
 
+    def save_interrupted(self, e: Preempted, epoch: int, step: int) -> None:
+        """A wait for data ended by a stop signal at an update boundary (``step``): one process
+        saves there first, so a stop loses at most the step under way; ranks of a larger run
+        are at unknown points of the epoch and keep the last saved state. Re-raises."""
+        if e.saved or self.d.world > 1:
+            raise e
+        self.save_last(epoch, step)
+        raise Preempted(saved=True) from None
+
     def train_epoch(self, epoch: int) -> None:
         """One epoch (or its rest after a mid-epoch resume): for each batch, each variant steps."""
         cfg, d = self.cfg, self.d
@@ -335,6 +354,9 @@ class Trainer:
         for v in self.variants:
             v.model.train()
         self.epoch_stats = s
+        self.decode_failed = {}
+        if skip >= n:  # stopped during evaluation: every step of this epoch is done
+            return
         bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=not (d.main and cfg["logging.progress"]))
         make = lambda: self.source.epoch(epoch, skip)  # noqa: E731
@@ -347,6 +369,11 @@ class Trainer:
                     x, y, ready = next(batches)
                 except StopIteration:
                     raise RuntimeError(f"the train loader ended after {i} of {n} batches") from None
+                except Preempted as e:
+                    if i % accum:  # inside an accumulation group: the last update is the last position
+                        raise
+                    s["wall_s"] = time.monotonic() - t_begin
+                    self.save_interrupted(e, epoch, i)
                 s["wait_s"] += time.monotonic() - t0
                 hand_over(x, y, ready)
                 if self.variants[0].first_batch_hash is None and epoch == 0 and i == 0:
@@ -370,7 +397,9 @@ class Trainer:
                 s["images"] += cfg["training.batch_size"]
                 bar.update(1)
                 self.updates_done += update
-                if update and i + 1 < n and self.updates_done % every == 0:
+                # one process reads its stop flag after every update: a Ctrl-C costs at most one step
+                alone_stopped = d.world == 1 and self.stop.received is not None
+                if update and i + 1 < n and (self.updates_done % every == 0 or alone_stopped):
                     s["wall_s"] = time.monotonic() - t_begin
                     self.between_updates(epoch, i + 1, bar)
         finally:
@@ -383,7 +412,9 @@ class Trainer:
         periodic save, the loss read back for the progress bar, non-finite variants stopped."""
         minutes = self.cfg["checkpoint.every_minutes"]
         due = self.d.main and minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
-        stop, due = self.d.all_sum([float(self.stop.received is not None), float(due)])
+        stop, due, failed = self.d.all_sum([float(self.stop.received is not None), float(due),
+                                            float(self.count_decode_failures())])
+        self.check_decode_errors(epoch, int(failed), so_far=True)
         self.check_nonfinite(epoch)
         for w in self.variants:
             w.timer.read()  # why here: a log point, the device is waited for anyway
@@ -393,6 +424,34 @@ class Trainer:
             self.save_last(epoch, step)
         if stop:
             raise Preempted
+
+    def count_decode_failures(self) -> int:
+        """JPEGs of this epoch that failed to decode on this rank (collected from the source)."""
+        for path, ix in self.source.decode_failures().items():
+            self.decode_failed.setdefault(path, []).extend(ix)
+        return sum(map(len, self.decode_failed.values()))
+
+    def check_decode_errors(self, epoch: int, count: int, so_far: bool = False) -> None:
+        """More than ``data.max_decode_errors`` JPEGs of an epoch (all ranks) that failed to decode
+        stop the run (``LoaderError``, exit 1) with final.json saying why; fewer are a warning."""
+        from .data.loaders import LoaderError
+        from .data.source import describe_failures
+        limit, where = self.cfg["data.max_decode_errors"], describe_failures(self.decode_failed)
+        inspect = "; ".join(f"fastvit-reduce inspect --deep {shlex.quote(p)}" for p in self.decode_failed)
+        if count and count <= limit and not so_far:
+            log.warning(f"warning: epoch {epoch}: {count} JPEG(s) failed to decode and were used as black "
+                        f"images ({where}); to list them all: {inspect}")
+        if count <= limit:
+            return
+        for v in self.variants:
+            v.exit_reason = f"{count} JPEGs failed to decode in epoch {epoch}"
+            if self.d.main:
+                v.folder.write_rows(v.rows)
+                v.folder.write_final(self.final(v, completed=False, ranks_in_sync=True))
+        raise LoaderError(f"{count} JPEG(s) failed to decode in epoch {epoch}{' so far' if so_far else ''}, "
+                          f"more than data.max_decode_errors={limit} ({where or 'on other ranks'}); the file "
+                          f"is damaged: rewrite it (last.pt holds the state before this epoch); to list them "
+                          f"all: {inspect or 'fastvit-reduce inspect --deep FILE'}")
 
     def check_nonfinite(self, epoch: int) -> None:
         """Stop each variant whose loss was non-finite for ``training.max_nonfinite`` updates in a row."""
@@ -453,13 +512,16 @@ class Trainer:
         self.check_nonfinite(epoch)
         in_sync = self.ranks_in_sync()
         completed = epoch + 1 == cfg["training.epochs"]
+        failed = int(d.all_sum([float(self.count_decode_failures())])[0])  # train and val
+        bad_data = failed > cfg["data.max_decode_errors"]
         for v in self.variants:
             if not v.active and v.exit_reason:
                 continue
             m = metrics.get(v.name, {})
             loss_sum, loss_n = d.all_sum([float(v.loss_sum), float(v.loss_n)])
             row = runstate.epoch_row(v, epoch, m, self.epoch_stats, loss=loss_sum / max(loss_n, 1), world=d.world,
-                                     res=train_res(cfg, epoch), eval_s=eval_s, peak_mem_mb=peak_mem_mb(d.device))
+                                     res=train_res(cfg, epoch), eval_s=eval_s, peak_mem_mb=peak_mem_mb(d.device),
+                                     decode_errors=failed)
             v.rows.append(row)
             head = "ema_" if "ema_top_1" in m else "raw_"
             fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
@@ -468,7 +530,7 @@ class Trainer:
                      f"lr {row['lr']:.2e} {row['train_img_s']:.0f} img/s wait {row['data_wait_frac']:.1%} "
                      f"{row['epoch_time_s']:.1f} s")
             top1 = row["eval_top1"]
-            if top1 is not None and (v.best is None or top1 > v.best):
+            if top1 is not None and (v.best is None or top1 > v.best) and not bad_data:
                 v.best = top1
                 if cfg["checkpoint.save_best"]:
                     self.save(v.folder.best_pt, lambda v=v: runstate.best_state(v, epoch, top1, head.rstrip("_")))
@@ -478,6 +540,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(d.device)
         if not in_sync:
             log.warning(f"epoch {epoch}: ranks hold different weights")
+        self.check_decode_errors(epoch, failed)  # raises before last.pt takes this epoch in
         self.save_last(epoch + 1, 0, completed=completed, in_sync=in_sync)
 
     def save_last(self, epoch: int, step: int, completed: bool = False, in_sync: bool = True) -> None:

@@ -1,5 +1,6 @@
-"""Shared test fixtures: tiny synthetic ``.beton`` files (``fastvit_reduce.data.synthetic``) and a
-tiny ViT recipe.
+"""Shared test fixtures: tiny synthetic ``.beton`` files (``fastvit_reduce.data.synthetic``), a
+tiny ViT recipe, and helpers for hostile inputs (a damaged JPEG, a pickle that would run code,
+one-line errors, printed commands).
 
 Layout: ``tests/test_<module>.py`` tests ``fastvit_reduce/.../<module>.py`` in this process (or with
 small helper processes); ``tests/e2e/`` holds the tests that start the real commands as processes
@@ -9,6 +10,8 @@ starts a fresh interpreter, seconds of imports, or trains many times)."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import tempfile
 
@@ -17,7 +20,7 @@ import pytest
 import fastvit_reduce.data.ffcv_patch  # noqa: F401,I001 — the fast ffcv import, before any test imports ffcv
 from fastvit_reduce.data.synthetic import make_images, write_beton  # noqa: F401 — used by test modules
 
-_JIT_CACHE = "FASTVIT_REDUCE_JIT_CACHE"
+_JIT_CACHE, _JIT_KEY = "FASTVIT_REDUCE_JIT_CACHE", "FASTVIT_REDUCE_JIT_KEY"
 
 
 def pytest_configure(config):
@@ -39,12 +42,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _session_jit_cache(config):
-    """One numba cache for the session, inherited by every trainer the tests start: the first
-    process compiles the ffcv pipelines, the others load them (``fastvit_reduce.data.jit``), and
-    the user's ``~/.cache`` is left alone. An explicit ``FASTVIT_REDUCE_JIT_CACHE`` is kept."""
+    """One numba cache (and its key) for the session, inherited by every trainer the tests start:
+    the first process compiles the ffcv pipelines, the others load them (``fastvit_reduce.data.jit``),
+    and the user's ``~/.cache`` is left alone. An explicit ``FASTVIT_REDUCE_JIT_CACHE`` is kept."""
     if _JIT_CACHE not in os.environ:
         config._jit_cache = tempfile.mkdtemp(prefix="fvr_jit_")
         os.environ[_JIT_CACHE] = config._jit_cache
+        os.environ.setdefault(_JIT_KEY, os.path.join(config._jit_cache, "jit.key"))
 
 
 def pytest_unconfigure(config):
@@ -52,6 +56,8 @@ def pytest_unconfigure(config):
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
         os.environ.pop(_JIT_CACHE, None)
+        if os.environ.get(_JIT_KEY, "").startswith(folder):
+            os.environ.pop(_JIT_KEY)
 
 TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
                 depth=4, num_heads=2, num_classes=4)
@@ -63,6 +69,18 @@ def tiny_beton(tmp_path):
     def make(name: str = "data.beton", **kwargs) -> str:
         return write_beton(tmp_path / name, **kwargs)
     return make
+
+
+def corrupt_jpeg(path, index: int) -> None:
+    """Zero 400 bytes of one stored JPEG's compressed data, its markers and headers intact (as disk
+    damage would): the structure check passes, libjpeg-turbo's decode fails."""
+    from ffcv.reader import Reader
+    ptr = int(Reader(str(path)).metadata["f0"]["data_ptr"][index])
+    with open(path, "r+b") as f:
+        f.seek(ptr)
+        scan = ptr + f.read(4096).index(b"\xff\xda") + 30  # inside the scan, past its header
+        f.seek(scan)
+        f.write(bytes(400))
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +138,30 @@ def write_tiny_config(folder, name: str = "tiny.yaml", train_n: int = 64, **extr
     path = folder / name
     path.write_text(text)
     return str(path)
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+def one_line_error(capsys, *words) -> str:
+    """The captured stderr, which must be one ``error:`` line holding every word."""
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+class Touch:
+    """Unpickling this runs ``touch <path>``: the file must never appear."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.path)}",)
+
+
+def printed_commands(text: str, program: str) -> list[list[str]]:
+    """Every command in ``text`` that starts a line or follows ': ', from ``program`` to the end of
+    its line, as the shell would split it (a line ending in ':' introduces commands, it is none)."""
+    found = re.findall(rf"(?:^[ \t]*|: )({re.escape(program)} .*[^:])$", text, flags=re.MULTILINE)
+    return [shlex.split(cmd) for cmd in found]

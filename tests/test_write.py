@@ -119,9 +119,12 @@ def reference_crop(expected: np.ndarray, stored: tuple[int, int]) -> np.ndarray:
 
 
 def write_args(root: Path, out: Path, *extra: str) -> list[str]:
+    # max_aspect=0: the 1x40 and 300x2 quirks are written, to check their sizes (by default they
+    # are skipped: test_hostile.py)
     return [f"--cfg.data_dir={root}", "--cfg.split=train", f"--cfg.write_path={out}",
             f"--cfg.max_resolution={MAX_RES}", "--cfg.write_mode=proportion",
-            "--cfg.compress_probability=0.5", "--cfg.num_workers=2", "--cfg.chunk_size=3", *extra]
+            "--cfg.compress_probability=0.5", "--cfg.num_workers=2", "--cfg.chunk_size=3",
+            "--cfg.max_aspect=0", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -175,5 +175,9 @@ class TimmSource:
     def set_poll(self, poll) -> None:
         """timm's loader has no wait hook: a stop signal is seen at the next logging point."""
 
+    def decode_failures(self) -> dict:
+        """None to report: PIL raises on an image it cannot decode."""
+        return {}
+
     def close(self) -> None:
         """timm's workers end with the loader's iterator."""

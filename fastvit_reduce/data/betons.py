@@ -10,15 +10,14 @@ dtypes against ffcv's own.
 """
 from __future__ import annotations
 
-import errno
+import hashlib
 import json
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
-from fastvit_reduce.config import ConfigError
+from fastvit_reduce.config import ConfigError, file_problem, read_text
 
 # ffcv 1.0.2's dtypes (ffcv/types.py; little-endian whatever the machine)
 FORMAT_VERSION = 2
@@ -100,9 +99,10 @@ def verify_beton(path: str | Path) -> int:
     Checks the header, the field descriptors, the sample table's size, the allocation table (one
     entry per sample and allocating field, every (ptr, size) inside the data pages, none crossing
     a page, the table filling the file's end exactly), that every image's pointer is its own
-    allocation with a plausible size, and the JPEG start/end markers (every JPEG in files of up to
-    65,536 JPEGs, else the first and last one of every page). Nothing is decoded: raw pixels that
-    were zeroed cannot be told from black images; ``inspect --deep`` decodes every JPEG.
+    allocation with a plausible size, and the JPEG start/end markers and frame size against the
+    sample table (every JPEG in files of up to 65,536 JPEGs, else the first and last one of every
+    page). Nothing is decoded: raw pixels that were zeroed cannot be told from black images;
+    ``inspect`` decodes a sample of the JPEGs, ``inspect --deep`` all of them.
     Raises ``ConfigError`` with one line naming the file and the damage.
     """
     lay = _Layout(Path(path))
@@ -154,12 +154,15 @@ def verify_beton(path: str | Path) -> int:
             i = int(np.argmax(bad))
             fail(f"image {i} has mode {mode[i]}, {w[i]}x{h[i]} px and {nbytes[i]} bytes of data: "
                  "sample table overwritten")
-        _check_jpeg_markers(lay, np.flatnonzero(mode == jpeg), data_ptr, nbytes)
+        _check_jpeg_markers(lay, np.flatnonzero(mode == jpeg), data_ptr, nbytes, w, h)
     return n
 
 
-def _check_jpeg_markers(lay: _Layout, jpegs: np.ndarray, ptr: np.ndarray, nbytes: np.ndarray) -> None:
-    """Every JPEG (or the first and last of each page in big files) starts FFD8 and ends FFD9."""
+def _check_jpeg_markers(lay: _Layout, jpegs: np.ndarray, ptr: np.ndarray, nbytes: np.ndarray,
+                        width: np.ndarray, height: np.ndarray) -> None:
+    """Every JPEG (or the first and last of each page in big files) starts FFD8, ends FFD9, and its
+    frame header gives the size the sample table says: libjpeg-turbo scales a larger JPEG down to
+    fit, or decodes a smaller one into a corner, over whatever the buffer held, without an error."""
     if len(jpegs) > _PROBE_ALL_JPEGS:
         pages = ptr[jpegs] // lay.page_size
         order = np.lexsort((ptr[jpegs], pages))
@@ -170,11 +173,38 @@ def _check_jpeg_markers(lay: _Layout, jpegs: np.ndarray, ptr: np.ndarray, nbytes
     try:
         for i in jpegs:
             p, s = int(ptr[i]), int(nbytes[i])
-            if os.pread(fd, 2, p) != b"\xff\xd8" or os.pread(fd, 2, p + s - 2) != b"\xff\xd9":
+            head = os.pread(fd, min(s, 4096), p)
+            if head[:2] != b"\xff\xd8" or os.pread(fd, 2, p + s - 2) != b"\xff\xd9":
                 lay.fail(f"image {i}'s JPEG data (byte {p}, {s} bytes) lacks its start/end markers "
                          "(overwritten)")
+            size = jpeg_size(head)
+            if size is None and len(head) < s:  # large metadata segments before the frame header
+                size = jpeg_size(os.pread(fd, s, p))
+            if size != (int(width[i]), int(height[i])):
+                found = "no frame header" if size is None else f"a {size[0]}x{size[1]} px frame"
+                lay.fail(f"image {i}'s JPEG data holds {found}, but the sample table says "
+                         f"{width[i]}x{height[i]} px (overwritten)")
     finally:
         os.close(fd)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's frame header (SOF0..SOF15), following the marker segments
+    from the start; None when ``data`` ends first or is not a JPEG stream."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # not DHT, JPG, DAC
+            if pos + 9 > len(data):
+                return None
+            return int.from_bytes(data[pos + 7:pos + 9], "big"), int.from_bytes(data[pos + 5:pos + 7], "big")
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
 
 
 def label_range(path: str | Path) -> tuple[int, int, int]:
@@ -198,16 +228,9 @@ def check_beton(path: str | Path) -> int:
     if not str(path):
         raise ConfigError("no dataset given (empty .beton path)")
     path = Path(path)
-    if path.is_symlink() and not path.exists():
-        try:
-            os.stat(path)
-        except OSError as e:
-            what = "a symbolic link loop" if e.errno == errno.ELOOP else "a symbolic link to nothing"
-            raise ConfigError(f"dataset {path} is {what}") from None
-    if not path.exists():
-        raise ConfigError(f"dataset not found: {path}")
-    if not path.is_file():
-        raise ConfigError(f"dataset {path} is {_what(path)}, not a .beton file")
+    problem = file_problem(path, "dataset")
+    if problem:
+        raise ConfigError(problem)
     try:
         lay = _Layout(path)
     except OSError as e:
@@ -220,14 +243,6 @@ def check_beton(path: str | Path) -> int:
     if lay.num_samples == 0:
         raise ConfigError(f"{path}: holds no samples (an empty .beton)")
     return lay.num_samples
-
-
-def _what(path: Path) -> str:
-    """'a folder', 'a FIFO', ... for a path that is not a regular file (it exists)."""
-    mode = path.stat().st_mode
-    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
-    return next((word for test, word in kinds if test(mode)), "not a regular file")
 
 
 def check_datasets(train_path: str | Path, val_path: str | Path) -> None:
@@ -249,12 +264,43 @@ def read_classes(beton_path: str | Path) -> list[str] | None:
     if not path.is_file():
         return None
     try:
-        classes = json.loads(path.read_text())
+        classes = json.loads(read_text(path, "class list"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise ConfigError(f"{path}: expected a JSON list of class names")
     return classes
+
+
+def fingerprint(path: str | Path) -> dict:
+    """What identifies a .beton's contents without reading its images: ``{"path", "bytes",
+    "samples", "sha256"}``, the hash over the header, field descriptors and sample table (every
+    label and every image's size and data pointer; 31 MB for ImageNet's train split)."""
+    lay = _Layout(Path(path))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = lay.metadata_end
+        while left > 0:
+            chunk = f.read(min(left, 1 << 22))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return {"path": str(Path(path).absolute()), "bytes": lay.size, "samples": lay.num_samples,
+            "sha256": digest.hexdigest()[:16]}
+
+
+def data_fingerprints(cfg: dict) -> dict:
+    """``{"train": fingerprint, "val": fingerprint or None}`` of a run's datasets (None for a path
+    that is not a readable .beton: the checks before training name it)."""
+    out = {}
+    for split in ("train", "val"):
+        path = cfg[f"data.{split}_dataset"]
+        try:
+            out[split] = fingerprint(path) if path and not file_problem(path, "dataset") else None
+        except (OSError, ConfigError):
+            out[split] = None
+    return out
 
 
 def stored_size(path: str) -> dict | None:

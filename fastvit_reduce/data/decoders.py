@@ -57,15 +57,18 @@ def timm_center_crop(height, width, out_size, crop_pct):
     bottom = top + out_size * height / resized_h
     right = left + out_size * width / resized_w
     # nearest pixel edges; a tie (x.5) widens the box rather than shifting it
-    i0, j0 = max(0, int(np.ceil(top - 0.5))), max(0, int(np.ceil(left - 0.5)))
+    i0, j0 = min(max(0, int(np.ceil(top - 0.5))), height - 1), min(max(0, int(np.ceil(left - 0.5))), width - 1)
     i1, j1 = min(height, int(np.floor(bottom + 0.5))), min(width, int(np.floor(right + 0.5)))
-    return i0, j0, i1 - i0, j1 - j0
+    # at least one pixel: the box of a 64x1 image rounds to 0 px wide, and OpenCV's resize of an
+    # empty box aborts the process (SIGABRT, no Python error)
+    return i0, j0, max(i1 - i0, 1), max(j1 - j0, 1)
 
 
 def _image_reader(mem_read):
-    """Compiled ``read(field, storage_state, temp) -> (H, W, 3) uint8`` view of one stored image:
-    JPEGs are decoded into ``temp`` (libjpeg-turbo, as ffcv does); raw images are viewed in
-    place."""
+    """Compiled ``read(field, storage_state, temp) -> ((H, W, 3) uint8 view, failed)`` of one
+    stored image: JPEGs are decoded into ``temp`` (libjpeg-turbo, as ffcv does); raw images are
+    viewed in place. ``failed``: libjpeg-turbo returned an error (ffcv ignores it); the image is
+    then black, as the buffer would otherwise hold a partial decode over another image's pixels."""
     imdecode_c = libffcv("imdecode")
     jpg = IMAGE_MODES["jpg"]
 
@@ -73,15 +76,29 @@ def _image_reader(mem_read):
         data = mem_read(field["data_ptr"], storage_state)
         height, width = np.uint32(field["height"]), np.uint32(field["width"])
         if field["mode"] == jpg:
-            imdecode_c(data, temp, height, width, height, width, 0, 0, 1, 1, False, False)
-            return temp[:3 * height * width].reshape(height, width, 3)
+            failed = imdecode_c(data, temp, height, width, height, width, 0, 0, 1, 1, False, False) != 0
+            image = temp[:3 * height * width].reshape(height, width, 3)
+            if failed:
+                image[:] = 0
+            return image, failed
         # a truncated file makes this reshape fail: the loader reports it as a LoaderError
-        return data.reshape(height, width, 3)
+        return data.reshape(height, width, 3), False
 
     return Compiler.compile(read)
 
 
-class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
+class ReportsDecodeErrors:
+    """A decoder whose memory holds one flag per sample (uint8, 1 = its JPEG failed to decode), at
+    index ``errors_at`` of its allocations; ``loaders.FfcvLoader`` reads them after each batch."""
+
+    errors_at: int
+
+
+def _error_flags() -> AllocationQuery:
+    return AllocationQuery((), np.dtype("<u1"))  # (B,): 1 where the sample's JPEG failed
+
+
+class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder, ReportsDecodeErrors):
     """ffcv's random-resized crop (timm's RandomResizedCrop: 10 tries, then a centre fallback) and
     a horizontal flip, both drawn after ``np.random.seed(sample seed)``, right before the draws.
 
@@ -91,6 +108,8 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
     into this decoder's third buffer (one uint32 per sample) right before decoding the batch.
     Numba's RNG is per thread, so seeding per sample makes prange scheduling irrelevant.
     """
+
+    errors_at = 3
 
     def __init__(self, output_size, scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: bool = True):
         super().__init__(output_size)
@@ -102,7 +121,7 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
 
     def declare_state_and_memory(self, previous_state):
         state, (output, temp) = super().declare_state_and_memory(previous_state)
-        return state, (output, temp, AllocationQuery((), np.dtype("<u4")))  # + seeds (B,)
+        return state, (output, temp, AllocationQuery((), np.dtype("<u4")), _error_flags())  # + seeds (B,), flags
 
     def generate_code(self) -> Callable:
         read = _image_reader(self.memory_read)
@@ -113,9 +132,10 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
         scale, ratio, hflip = np.array(self.scale), np.array(self.ratio), self.hflip
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage, seeds = my_storage
+            destination, temp_storage, seeds, errors = my_storage
             for dst_ix in my_range(len(batch_indices)):
-                image = read(metadata[batch_indices[dst_ix]], storage_state, temp_storage[dst_ix])
+                image, failed = read(metadata[batch_indices[dst_ix]], storage_state, temp_storage[dst_ix])
+                errors[dst_ix] = failed
                 np.random.seed(seeds[dst_ix])  # numba: this thread's RNG; crop, then flip
                 i, j, h, w = crop_c(image.shape[0], image.shape[1], scale, ratio)
                 resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
@@ -127,15 +147,20 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder):
         return decode
 
 
-class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
+class TimmCenterCropDecoder(ResizedCropRGBImageDecoder, ReportsDecodeErrors):
     """Validation decoder with timm's eval geometry (``timm_center_crop``), resized by ffcv's cv2
     INTER_AREA (ffcv's only resize) where timm uses PIL bicubic: tests/test_eval_parity.py measures
     the difference on photos."""
+
+    errors_at = 2
 
     def __init__(self, output_size, crop_pct: float):
         super().__init__(output_size)
         self.scale, self.ratio = None, float(crop_pct)
 
+    def declare_state_and_memory(self, previous_state):
+        state, (output, temp) = super().declare_state_and_memory(previous_state)
+        return state, (output, temp, _error_flags())
     @property
     def get_crop_generator(self):
         return timm_center_crop
@@ -148,10 +173,11 @@ class TimmCenterCropDecoder(ResizedCropRGBImageDecoder):
         crop_pct = self.ratio
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+            destination, temp_storage, errors = my_storage
             out_size = destination.shape[1]  # (B, res, res, 3)
             for dst_ix in my_range(len(batch_indices)):
-                image = read(metadata[batch_indices[dst_ix]], storage_state, temp_storage[dst_ix])
+                image, failed = read(metadata[batch_indices[dst_ix]], storage_state, temp_storage[dst_ix])
+                errors[dst_ix] = failed
                 i, j, h, w = crop_c(image.shape[0], image.shape[1], out_size, crop_pct)
                 resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
             return destination[:len(batch_indices)]

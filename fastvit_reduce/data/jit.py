@@ -26,6 +26,8 @@ What this module does instead:
   i.e. ``~/.cache/...``); ``FASTVIT_REDUCE_JIT_CACHE=off`` turns it off. A cache that cannot be
   written (read-only, full disk) or read (damaged file) costs a warning and a compilation, never
   a run. Concurrent processes are safe: numba writes each file to a temporary name and renames it.
+* numba's cache files are pickles: ``jit_trust`` uses only folders and files of this user that
+  nobody else can write, and loads a file only after checking its HMAC under this user's key.
 
 Measured (docs/results/speed.md): the first process on a machine pays the compilation and
 writes the cache; every later one loads its pipelines in a fraction of a second.
@@ -72,6 +74,8 @@ except ImportError as _e:  # then pipelines compile uncached, with one warning (
 
     class Dispatcher:
         pass
+
+from .jit_trust import Refused, SignedCacheFile, trusted_folder, user_key
 
 CACHE_ENV = "FASTVIT_REDUCE_JIT_CACHE"
 OFF = ("0", "off", "none", "false")
@@ -220,6 +224,13 @@ class _Locator(_SourceFileBackedLocatorMixin, _CacheLocator):
     def get_cache_path(self):
         return self._cache_path
 
+    def ensure_cache_path(self):
+        try:  # why: numba's makedirs gives the umask's mode, and it trusts any folder it can write
+            trusted_folder(Path(self._cache_path), create=True)
+        except Refused as e:
+            raise OSError(str(e)) from None
+        super().ensure_cache_path()
+
     @classmethod
     def from_function(cls, py_func, py_file):
         return None if cls.root is None else super().from_function(py_func, py_file)
@@ -240,9 +251,12 @@ class _KeyedCache(FunctionCache):
 
     _impl_class = _Impl
 
-    def __init__(self, py_func, key: str):
+    def __init__(self, py_func, key: str, secret: bytes):
         self._key = key
         super().__init__(py_func)
+        self._cache_file = SignedCacheFile(self._cache_path, self._impl.filename_base,
+                                           self._impl.locator.get_source_stamp(), secret,
+                                           on_refused=lambda message: _warn_once(message, "refused"))
 
     def _index_key(self, sig, codegen):
         return sig, codegen.magic_tuple(), self._key
@@ -270,11 +284,12 @@ _warned: set[str] = set()
 _lock = threading.Lock()
 
 
-def _warn_once(message: str) -> None:
+def _warn_once(message: str, kind: str | None = None) -> None:
+    """Warn once per message, or once per ``kind`` of message (refused files: the first one)."""
     with _lock:
-        if message in _warned:
+        if (kind or message) in _warned:
             return
-        _warned.add(message)
+        _warned.add(kind or message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -285,10 +300,17 @@ def _attach(dispatcher, root: Path) -> bool:
         key = fingerprint(dispatcher)
     except Uncacheable:
         return False
+    try:
+        trusted_folder(root, create=True)
+        secret = user_key()
+    except Refused as e:
+        _warn_once(f"numba cache folder {root} is not usable: {e}; compiling without a cache "
+                   "(docs/data.md: what the numba cache trusts)", "refused")
+        return False
     _Locator.root = root
     try:
         # why the private attribute: Dispatcher.enable_caching() installs numba's own cache only
-        dispatcher._cache = _KeyedCache(dispatcher.py_func, key)
+        dispatcher._cache = _KeyedCache(dispatcher.py_func, key, secret)
     except RuntimeError as e:  # numba: "no locator available" (folder not creatable/writable)
         _warn_once(f"numba cache folder {root} is not usable ({e}); compiling without a cache")
         return False

@@ -14,7 +14,8 @@ as all_reduce(sum correct) / all_reduce(count) after the loop.
 
 Both loaders are ``FfcvLoader``s: a failure in ffcv's decode thread (e.g. a truncated .beton)
 raises ``LoaderError`` in the consumer instead of hanging it, a ``poll`` hook runs while waiting
-for a batch, and ``close()`` ends an abandoned epoch's thread.
+for a batch, ``close()`` ends an abandoned epoch's thread, and ``take_decode_failures()`` names
+the samples whose JPEG libjpeg-turbo could not decode (ffcv ignores its return code).
 
 ffcv traps handled here: the device must be a ``torch.device`` (we convert strings); output
 batches live in a ring of reused buffers (``batches_ahead + 2``) — ``.clone()`` anything kept
@@ -45,7 +46,7 @@ from ..config import ConfigError
 from ..seeding import derive_many
 from .ahead import POLL_S, get_polling, one_torch_thread, put_until
 from .betons import check_beton
-from .decoders import SeededRandomResizedCropDecoder, TimmCenterCropDecoder
+from .decoders import ReportsDecodeErrors, SeededRandomResizedCropDecoder, TimmCenterCropDecoder
 from .jit import cached_compilation
 from .orders import RepeatAugOrder, ShardedSequentialOrder, install_order, sample_copies
 
@@ -124,6 +125,22 @@ class FfcvLoader(Loader):
             node.id for node in self.graph.nodes
             if isinstance(node, DecoderNode)
             and isinstance(node.decoder, SeededRandomResizedCropDecoder)]
+        self.error_flags = [  # (graph node, index of its per-sample decode-error flags)
+            (node.id, node.decoder.errors_at) for node in self.graph.nodes
+            if isinstance(node, DecoderNode) and isinstance(node.decoder, ReportsDecodeErrors)]
+        self._failed: list[int] = []  # dataset indices whose JPEG failed to decode
+        self._failed_lock = threading.Lock()
+
+    def take_decode_failures(self) -> list[int]:
+        """The dataset indices whose JPEG failed to decode (trained as black images) since the
+        last call, in decode order; a sample decoded twice (a resumed epoch) counts twice."""
+        with self._failed_lock:
+            failed, self._failed = self._failed, []
+        return failed
+
+    def _note_failures(self, indices) -> None:
+        with self._failed_lock:
+            self._failed.extend(int(i) for i in indices)
 
     def __iter__(self):
         self.close()
@@ -212,7 +229,12 @@ class _WatchedEpochIterator(EpochIterator):
             seeds = self.seeds[start:start + len(batch_indices)]
             for node_id in self.loader.seeded_node_ids:
                 self.memory_allocations["operation"][node_id][2][batch_slot][:len(seeds)] = seeds
-        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        for node_id, k in self.loader.error_flags:  # written by the decoder for this batch
+            flags = self.memory_allocations["operation"][node_id][k][batch_slot][:len(batch_indices)]
+            if flags.any():
+                self.loader._note_failures(np.asarray(batch_indices)[flags != 0])
+        return result
 
     def __next__(self):
         turns = self.loader.turns

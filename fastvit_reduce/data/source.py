@@ -41,7 +41,15 @@ class TrainSource(Protocol):
 
     def set_poll(self, poll: Callable[[], None]) -> None: ...
 
+    def decode_failures(self) -> dict[str, list[int]]: ...  # {dataset: sample indices} since the last call
+
     def close(self) -> None: ...
+
+
+def describe_failures(failed: dict[str, list[int]], shown: int = 10) -> str:
+    """``'/data/train.beton: samples 17, 802'`` for ``{path: indices}`` (the first ``shown`` of each)."""
+    return "; ".join(f"{path}: sample{'s' if len(ix) > 1 else ''} " + ", ".join(map(str, sorted(set(ix))[:shown]))
+                     + (" ..." if len(set(ix)) > shown else "") for path, ix in failed.items())
 
 
 OVERLAP_WORDS = {"ahead": "the next batch decoded and augmented beside the step",
@@ -107,6 +115,16 @@ class FfcvSource:
         """Called while a loader waits for its decode thread; may raise to stop the wait."""
         for loader in self.loaders:
             loader.poll = poll
+
+    def decode_failures(self) -> dict[str, list[int]]:
+        """``{dataset path: sample indices}`` whose JPEG failed to decode (and was used as a black
+        image) since the last call, on this rank."""
+        out = {}
+        for loader in self.loaders:
+            failed = loader.take_decode_failures()
+            if failed:
+                out.setdefault(loader.fname, []).extend(failed)
+        return out
 
     def close(self) -> None:
         """End the decode threads of a running epoch (a stopped or finished run)."""

@@ -8,8 +8,8 @@
 Output fields: ``image`` (ffcv RGBImageField) and ``label`` (IntField, the index of the sorted
 class-folder name: torchvision ImageFolder's indices, except that hidden folders are not classes).
 Beside the output: ``<write_path>.classes.json`` (class names, index = label) and
-``<write_path>.report.json`` (written, skipped [{path, error}], classes, seconds, images_per_s,
-settings).
+``<write_path>.report.json`` (written, skipped [{path, error}], links_not_followed, classes,
+seconds, images_per_s, settings).
 
 How it stays safe on 1.28 M images:
 
@@ -39,7 +39,6 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -47,110 +46,9 @@ import numpy as np
 from PIL import Image
 
 from fastvit_reduce.config import ConfigError, dump_json, load_config, resolved
+from fastvit_reduce.data.folders import (IGNORED_SHOWN, IMG_EXTENSIONS, InputError, Split,  # noqa: F401
+                                         WriteError, scan_split)
 from fastvit_reduce.settings import WRITE_SECTIONS
-
-# torchvision.datasets.folder.IMG_EXTENSIONS (matched case-insensitively, as torchvision does)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class WriteError(RuntimeError):
-    """The write failed; the message says why and names the file. Nothing was written."""
-
-
-class InputError(WriteError):
-    """Bad input found before any work started (missing folder, empty class, ...)."""
-
-
-# ----------------------------------------------------------------------------- the split on disk
-@dataclass
-class Split:
-    """The image files of one split in ImageFolder order, with their labels."""
-
-    root: Path              # <data_dir>/<split>, absolute
-    classes: list[str]      # sorted class-folder names; index = label
-    files: np.ndarray       # (N,) bytes, path relative to root (why: one numpy buffer is shared
-                            # by forked workers; 1.28 M Python strings would be copied page by page)
-    labels: np.ndarray      # (N,) int64
-    ignored: int            # hidden and non-image files skipped while scanning
-    ignored_examples: list[str] = field(default_factory=list)  # the first IGNORED_SHOWN, relative to root
-
-    def path(self, i: int) -> str:
-        return str(self.root / os.fsdecode(self.files[i]))
-
-
-IGNORED_SHOWN = 50  # ignored files named in the report (the count covers all)
-
-
-def _unlistable(e: OSError) -> None:
-    """os.walk's onerror: a folder we cannot list would silently drop its images (walk's default)."""
-    raise InputError(f"cannot list {e.filename}: {e.strerror or e}")
-
-
-def scan_split(data_dir: str | Path, split: str, subset: int = -1) -> Split:
-    """List ``data_dir/split/<class>/**/<image>`` like torchvision's ImageFolder (sorted walk,
-    symlinks followed, same extensions); hidden files/folders and non-images are not samples.
-
-    Raises ``InputError`` for a missing folder, no classes, a class without images, or a folder
-    that cannot be listed.
-    """
-    if not str(data_dir):
-        raise InputError("no input folder: set --cfg.data_dir (the folder holding train/ and val/)")
-    data_dir = Path(data_dir).absolute()
-    if not data_dir.is_dir():
-        raise InputError(f"input folder not found: {data_dir}")
-    root = data_dir / split
-    if not root.is_dir():
-        hint = (f" (it looks like the {split} folder itself: pass its parent)"
-                if data_dir.name == split else "")
-        raise InputError(f"no '{split}' folder in {data_dir}{hint}; expected "
-                         f"{data_dir}/{split}/<class>/<image> (ImageFolder layout)")
-    entries = sorted(os.scandir(root), key=lambda e: e.name)
-    dangling = [e.name for e in entries if e.is_symlink() and not os.path.exists(e.path)]
-    if dangling:  # why: most likely a class folder on an unmounted disk; skipping it shifts every label
-        raise InputError(f"broken symlink(s) in {root}: {', '.join(dangling[:10])}")
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    ignored_files = [e.name for e in entries if not e.is_dir()]
-    if not classes:
-        loose = sum(1 for e in entries if e.name.lower().endswith(IMG_EXTENSIONS))
-        detail = (f"; it holds {loose} images directly: sort them into class folders first "
-                  "(ImageNet's val needs e.g. valprep.sh)" if loose else "")
-        raise InputError(f"no class folders in {root}{detail}")
-
-    files, labels, empty, ignored = [], [], [], len(ignored_files)
-    examples = ignored_files[:IGNORED_SHOWN]
-
-    def ignore(dirpath: str, names: list[str]) -> None:
-        nonlocal ignored
-        ignored += len(names)
-        room = IGNORED_SHOWN - len(examples)
-        examples.extend(os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(names)[:max(0, room)])
-
-    for label, name in enumerate(classes):
-        found = []
-        # why sorted(os.walk(...)): the same file order as torchvision's make_dataset; the walk is
-        # complete before the loop starts, so hidden sub-folders are dropped here, not pruned
-        for dirpath, _, fnames in sorted(os.walk(root / name, onerror=_unlistable, followlinks=True)):
-            if any(part.startswith(".") for part in Path(dirpath).relative_to(root / name).parts):
-                ignore(dirpath, fnames)
-                continue
-            skipped = []
-            for f in sorted(fnames):
-                if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
-                    found.append(os.fsencode(os.path.relpath(os.path.join(dirpath, f), root)))
-                else:
-                    skipped.append(f)
-            ignore(dirpath, skipped)
-        if subset > 0:
-            found = found[:subset]
-        if not found:
-            empty.append(name)
-        files += found
-        labels += [label] * len(found)
-    if empty:
-        raise InputError(f"{len(empty)} class folder(s) in {root} hold no image files: "
-                         f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
-    return Split(root, classes, np.array(files), np.array(labels, dtype=np.int64), ignored, examples)
-
 
 # ----------------------------------------------------------------------------- decoding
 def fit_size(width: int, height: int, max_res: int) -> tuple[int, int]:
@@ -227,8 +125,8 @@ class ImageFolderSource:
     ``(None, label, "ErrorType: message")``.
     """
 
-    def __init__(self, split: Split, max_res: int):
-        self.split, self.max_res = split, max_res
+    def __init__(self, split: Split, max_res: int, max_aspect: float = 0.0):
+        self.split, self.max_res, self.max_aspect = split, max_res, max_aspect
 
     def __len__(self) -> int:
         return len(self.split.files)
@@ -236,9 +134,15 @@ class ImageFolderSource:
     def __getitem__(self, i: int):
         label = int(self.split.labels[i])
         try:
-            return load_rgb(self.split.path(i), self.max_res), label, None
+            rgb = load_rgb(self.split.path(i), self.max_res)
         except Exception as e:  # noqa: BLE001 — any decode failure is this file's problem only
             return None, label, f"{type(e).__name__}: {e}".strip()
+        h, w = rgb.shape[:2]
+        if self.max_aspect and max(h, w) > self.max_aspect * min(h, w):
+            # why: such a strip trains as a smear, and its centre crop is under a pixel wide
+            return None, label, (f"degenerate aspect ratio: stored {w}x{h} px ({max(h, w) / min(h, w):.0f}:1; "
+                                 f"cfg.max_aspect={self.max_aspect:g})")
+        return rgb, label, None
 
 
 # ----------------------------------------------------------------------------- the ffcv writer
@@ -446,7 +350,7 @@ def _remove_stale_partials(target: Path) -> None:
 
 def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: int = 256,
                 write_mode: str = "proportion", compress_probability: float = 0.5,
-                smart_threshold: int = 224 * 224 * 3, jpeg_quality: int = 90,
+                smart_threshold: int = 224 * 224 * 3, jpeg_quality: int = 90, max_aspect: float = 20.0,
                 num_workers: int = 0, chunk_size: int = 100, subset: int = -1,
                 on_error: str = "skip", settings: dict | None = None) -> dict:
     """Write ``data_dir/split`` to ``write_path`` (+ .classes.json, .report.json); return the report.
@@ -470,13 +374,17 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
     print(f"{split}: {len(data.files)} images in {len(data.classes)} classes under {data.root} "
           f"({data.ignored} other files ignored{_examples(data)}); {shutil.disk_usage(target.parent).free / 1e9:.1f} GB "
           f"free at {target.parent}; {num_workers} workers", file=sys.stderr)
+    if data.repeats:
+        print(f"{split}: {len(data.repeats)} symbolic link(s) lead to folders or files listed already (a loop, "
+              f"or a second way in); each was listed once: {', '.join(data.repeats[:5])}"
+              f"{' ...' if len(data.repeats) > 5 else ''} (all in the report)", file=sys.stderr)
 
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                      smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
                                      compress_probability=compress_probability),
               "label": IntField()}
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    source = ImageFolderSource(data, max_resolution)
+    source = ImageFolderSource(data, max_resolution, max_aspect)
     start = time.perf_counter()
     try:
         writer = _SafeWriter(str(partial), fields, _page_size(max_resolution), num_workers, target)
@@ -492,14 +400,14 @@ def write_split(data_dir: str, split: str, write_path: str, *, max_resolution: i
             "written": written,
             "skipped": [{"path": data.path(i), "error": err} for i, err in failures],
             "files_seen": len(source), "ignored_files": data.ignored,
-            "ignored_examples": data.ignored_examples,
+            "ignored_examples": data.ignored_examples, "links_not_followed": data.repeats,
             "classes": data.classes, "num_classes": len(data.classes),
             "seconds": round(seconds, 3), "images_per_s": round(len(source) / seconds, 1),
             "bytes": partial.stat().st_size,
             "settings": settings or dict(max_resolution=max_resolution, write_mode=write_mode,
                                          compress_probability=compress_probability,
                                          smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
-                                         num_workers=num_workers, chunk_size=chunk_size,
+                                         max_aspect=max_aspect, num_workers=num_workers, chunk_size=chunk_size,
                                          subset=subset, on_error=on_error),
             "versions": _versions(),
         }
