@@ -2,7 +2,7 @@
 and the ``final.json`` summary.
 
 The run folder's layout is ``fastvit_reduce.runs``; this module fills it for the trainer's
-variants (``trainer.Variant``). Resuming puts every variant of a (paired) run at one common
+variants (``variant.Variant``). Resuming puts every variant of a (paired) run at one common
 position (epoch, step), refuses a checkpoint written with another configuration, and handles a
 damaged ``last.pt`` as ``checkpoint.on_damaged`` says.
 """

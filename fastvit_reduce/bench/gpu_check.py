@@ -20,7 +20,7 @@ crashes or runs out of time gets a line saying so. Sections, most important firs
 * ``augment``: ms per batch of RandAugment and of the whole batch augmentation, host syncs;
 * ``ema``: a grouped model's shared tensor moves once per update, with foreach kept;
 * ``paired``: K=4 variants (baseline, thin, shallow, grouped) stepping on one batch;
-* ``step``: img/s of our step (``trainer.Variant``: micro-step + optimizer step + EMA) per
+* ``step``: img/s of our step (``variant.Variant``: micro-step + optimizer step + EMA) per
   strategy for ViT-B/16 and ViT-S/16, bf16 and fp16, eager and compiled (one line each);
 * ``memory`` and ``balance`` (from the lines above): peak memory per model, and how many CPU cores
   one GPU needs to feed its step at K=1 and K=4 (model img/s / loader img/s per core).
@@ -138,7 +138,7 @@ def variant(args, tmp: Path, strategy: str, model: str, amp: str, compile_: bool
     from fastvit_reduce.runs import RunFolder
     from fastvit_reduce.runtime import Dist
     from fastvit_reduce.settings import SECTIONS as KEYS
-    from fastvit_reduce.trainer import Variant
+    from fastvit_reduce.variant import Variant
     spec = args.sizes["models"][model]
     load_config([f"--model.arch={spec['name']}", f"--model.img_size={args.sizes['res']}",
                  f"--model.patch_size={spec.get('patch_size', 0)}", f"--reduction.strategy={strategy}",
