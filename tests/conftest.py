@@ -33,12 +33,15 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)  # why: before pytest's own -m deselection sees the items
 def pytest_collection_modifyitems(config, items):
-    """Mark everything under tests/e2e/ ``e2e`` and run it last (the in-process tests fail faster)."""
+    """Mark everything under tests/e2e/ ``e2e``. One process runs it last (the in-process tests fail
+    faster); under pytest-xdist (scripts/test.sh) it goes first: the long modules start first and
+    the short ones fill the gaps, so both workers end together."""
     e2e = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e") + os.sep
     for item in items:
         if str(item.path).startswith(e2e):
             item.add_marker(pytest.mark.e2e)
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)  # stable: file order kept
+    last = "PYTEST_XDIST_WORKER" not in os.environ
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is not None) == last)  # stable: file order kept
 
 
 def _session_jit_cache(config):
@@ -138,6 +141,25 @@ def write_tiny_config(folder, name: str = "tiny.yaml", train_n: int = 64, **extr
     path = folder / name
     path.write_text(text)
     return str(path)
+
+
+def sample_photos(folder, classes: int, train_per_class: int, val_per_class: int):
+    """A tiny ImageFolder photo set (``fastvit-reduce sample``, 64-96 px JPEGs) at ``folder/sample``."""
+    from pathlib import Path
+
+    from fastvit_reduce.sample import build_sample
+    out = Path(folder) / "sample"
+    build_sample(out, num_classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                 min_size=64, max_size=96)
+    return out
+
+
+def paired_configs(folder):
+    """baseline.yaml (``write_tiny_config``), thin.yaml and grouped.yaml on it, in ``folder``."""
+    base = write_tiny_config(folder, "baseline.yaml")
+    (folder / "thin.yaml").write_text(f"base: {base}\nreduction: {{strategy: thin, mlp_ratio: 2.0}}\n")
+    (folder / "grouped.yaml").write_text(f"base: {base}\nreduction: {{strategy: grouped}}\nema: {{decay: 0.5}}\n")
+    return folder
 
 
 # ----------------------------------------------------------------------------- hostile inputs

@@ -18,11 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sample_photos
 
-from fastvit_reduce.bench.parity import (OURS, OURS_TIMM_DATA, TIMM, TIMM_FLAG, format_report, main, resolve,
-                                         scores, summary, timm_flags)
+from fastvit_reduce.bench.parity import (
+    OURS,
+    OURS_TIMM_DATA,
+    TIMM,
+    TIMM_FLAG,
+    format_report,
+    main,
+    resolve,
+    scores,
+    summary,
+    timm_flags,
+)
 from fastvit_reduce.config import UsageError
-from fastvit_reduce.sample import build_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,10 +46,7 @@ TINY = {"model.arch": "test_vit", "model.img_size": 32, "model.patch_size": 8, "
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parity") / "sample"
-    build_sample(out, num_classes=CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS,
-                 min_size=64, max_size=96)
-    return out
+    return sample_photos(tmp_path_factory.mktemp("parity"), CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
 
 
 def recipe(**changes) -> dict:
@@ -178,7 +185,12 @@ def train_py_loaders(args, train_dir: Path, val_dir: Path):
     """timm's loaders exactly as v1.0.22's train.py builds them from ``args`` (its lines 536, 683-697,
     700-714, 718-757, 762-843, 846-876), in one process on the CPU; and the data config."""
     import timm
-    from timm.data import FastCollateMixup, create_dataset, create_loader, resolve_data_config
+    from timm.data import (
+        FastCollateMixup,
+        create_dataset,
+        create_loader,
+        resolve_data_config,
+    )
     with torch.device("meta"):
         model = timm.create_model(args.model, num_classes=args.num_classes, drop_path_rate=args.drop_path,
                                   **args.model_kwargs)
@@ -231,8 +243,8 @@ def test_timm_data_path_is_train_pys_augmentation(folder):
     FastCollateMixup (mixup/cutmix/prob/switch/mode/smoothing) in the collate; the prefetcher's
     normalise, then RandomErasing (probability/mode/count) on the mixed batch."""
     from timm.data import FastCollateMixup
-    from timm.data.loader import PrefetchLoader
     from timm.data.auto_augment import RandAugment
+    from timm.data.loader import PrefetchLoader
     from timm.data.random_erasing import RandomErasing
     from timm.data.transforms import RandomResizedCropAndInterpolation
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import sample_photos
 from PIL import Image
 
 from fastvit_reduce.bench.timm_path import TimmSource, guard_posterize
-from fastvit_reduce.sample import build_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,10 +19,7 @@ CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, BATCH = 4, 6, 2, 8
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "sample"
-    build_sample(out, num_classes=CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS,
-                 min_size=64, max_size=96)
-    return out
+    return sample_photos(tmp_path_factory.mktemp("e2e"), CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
 
 
 def cfg(**changes) -> dict:

@@ -7,6 +7,8 @@ the trained model's and whose parameter count must be what ``fastvit-reduce info
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -25,21 +27,24 @@ STRATEGIES = {"baseline": "", "thin": "{strategy: thin, mlp_ratio: 2.0}",
 KNOB_FLAGS = {"baseline": [], "thin": ["--mlp-ratio", "2.0"], "shallow": ["--keep-ratio", "0.5"],
               "grouped": ["--group-size", "2"]}
 
-# the fresh process: only timm (plus fastvit_reduce when asked), one torch thread like the parent
+# the fresh process: only timm (plus fastvit_reduce when asked), one torch thread like the parent;
+# argv: 1|0 (import fastvit_reduce), the batch, then each export folder; one JSON line per folder
 LOADER = """import json, sys
 import torch
 torch.set_num_threads(1)
-if sys.argv[3] == "1":
+if sys.argv[1] == "1":
     import fastvit_reduce  # registers the grouped names with timm
 import timm
-model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
 x = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save(model(x), sys.argv[2] + ".logits")
-ours = sorted(m for m in sys.modules if m == "fastvit_reduce" or m.startswith("fastvit_reduce."))
-print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "ours": ours,
-                  "arch": model.pretrained_cfg.get("architecture"), "mean": list(model.pretrained_cfg["mean"])}))
+for out in sys.argv[3:]:
+    model = timm.create_model("local-dir:" + out, pretrained=True).eval()
+    with torch.no_grad():
+        torch.save(model(x), out + ".logits")
+    ours = sorted(m for m in sys.modules if m == "fastvit_reduce" or m.startswith("fastvit_reduce."))
+    print(json.dumps({"out": out, "params": sum(p.numel() for p in model.parameters()), "ours": ours,
+                      "arch": model.pretrained_cfg.get("architecture"), "mean": list(model.pretrained_cfg["mean"])}))
 """
+EXPORTS = [("baseline", False), ("thin", False), ("shallow", False), ("grouped", False), ("grouped", True)]
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +76,43 @@ def info_params(name: str) -> int:
     return info.measure(args)[0][0]["params"]
 
 
-def fresh_logits(trained: Path, out: Path, with_ours: bool) -> tuple[torch.Tensor, dict]:
-    batch = trained / f"{out.name}.batch.pt"
-    torch.save(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), batch)
+def batch() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def exported(trained) -> dict:
+    """Every run of ``trained`` exported (tied grouped, and grouped --untie), then loaded back in two
+    fresh processes: one that imports only timm (four exports), one that also imports fastvit_reduce
+    (the tied grouped one). Per (name, untie): its folder, what export printed, the fresh logits and facts."""
+    done = {}
+    for name, untie in EXPORTS:
+        out = trained / "exported" / f"{name}{'_untied' if untie else ''}"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            rc = export.main([str(trained / "runs" / name), str(out), *(["--untie"] if untie else [])])
+        assert rc == 0
+        done[name, untie] = {"out": out, "printed": printed.getvalue()}
+    x = trained / "batch.pt"
+    torch.save(batch(), x)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # why: stock timm, not the repo on the path
-    if with_ours:
-        env["PYTHONPATH"] = str(Path(export.__file__).resolve().parents[1])
-    cmd = [sys.executable, str(trained / "loader.py"), str(out), str(batch), "1" if with_ours else "0"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(str(batch) + ".logits"), json.loads(result.stdout.strip().splitlines()[-1])
+    ours_env = dict(env, PYTHONPATH=str(Path(export.__file__).resolve().parents[1]))
+    tied = [key for key in EXPORTS if key == ("grouped", False)]
+    for keys, with_ours in (([k for k in EXPORTS if k not in tied], False), (tied, True)):
+        cmd = [sys.executable, str(trained / "loader.py"), "1" if with_ours else "0", str(x),
+               *(str(done[k]["out"]) for k in keys)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ours_env if with_ours else env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [json.loads(line) for line in result.stdout.strip().splitlines()[-len(keys):]]
+        for key, facts in zip(keys, lines):
+            assert facts["out"] == str(done[key]["out"])
+            done[key].update(facts=facts, logits=torch.load(facts["out"] + ".logits"))
+    return done
 
 
-@pytest.mark.parametrize("name, untie", [("baseline", False), ("thin", False), ("shallow", False),
-                                         ("grouped", False), ("grouped", True)])
-def test_export_round_trips_in_a_fresh_timm_process(trained, name, untie, capsys):
-    out = trained / "exported" / f"{name}{'_untied' if untie else ''}"
-    assert export.main([str(trained / "runs" / name), str(out), *(["--untie"] if untie else [])]) == 0
-    printed = capsys.readouterr().out
+@pytest.mark.parametrize("name, untie", EXPORTS)
+def test_export_round_trips_in_a_fresh_timm_process(trained, exported, name, untie):
+    out, printed = exported[name, untie]["out"], exported[name, untie]["printed"]
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
     config = json.loads((out / "config.json").read_text())
     assert config["num_classes"] == 4 and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
@@ -105,7 +129,7 @@ def test_export_round_trips_in_a_fresh_timm_process(trained, name, untie, capsys
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        x = batch()
         with torch.no_grad():
             want = model(x)
     finally:
@@ -118,7 +142,7 @@ def test_export_round_trips_in_a_fresh_timm_process(trained, name, untie, capsys
     with torch.no_grad():
         assert torch.allclose(again(x), want, rtol=1e-5, atol=1e-6)
     assert config["fastvit_reduce"]["weights"] == "ema" and "tag" not in config["pretrained_cfg"]
-    got, facts = fresh_logits(trained, out, with_ours=tied)
+    got, facts = exported[name, untie]["logits"], exported[name, untie]["facts"]
     assert torch.equal(got, want)
     assert ("fastvit_reduce" in facts["ours"]) if tied else facts["ours"] == []  # timm alone, unless tied
     assert facts["mean"] == [0.5, 0.5, 0.5]  # the run's normalisation travels in pretrained_cfg

@@ -246,27 +246,30 @@ def test_a_cache_or_key_others_could_write_is_refused_with_one_warning(own_cache
 
 
 def test_a_trainer_start_on_a_planted_cache_runs_nothing_and_trains_alike(cfg, tmp_path):
-    """The real start: a cache filled by one run, every file replaced by a pickle that would
-    create a file; the next trainer refuses them unread, compiles, and gets the same weights."""
+    """The real start: a cache holding one run's pipelines (the session's, which the first run fills
+    or loads: tests/conftest.py), copied with every file replaced by a pickle that would create a
+    file; the next trainer refuses them unread, compiles, and gets the same weights."""
     import pickle
     import subprocess
     import sys
-    cache, marker = tmp_path / "cache", tmp_path / "PWNED"
-    env = dict(os.environ, FASTVIT_REDUCE_JIT_CACHE=str(cache), FASTVIT_REDUCE_JIT_KEY=str(tmp_path / "jit.key"),
-               OMP_NUM_THREADS="1")
+    session, cache, marker = Path(os.environ["FASTVIT_REDUCE_JIT_CACHE"]), tmp_path / "cache", tmp_path / "PWNED"
 
-    def train(name: str) -> subprocess.CompletedProcess:
+    def train(name: str, folder: Path) -> subprocess.CompletedProcess:
+        env = dict(os.environ, FASTVIT_REDUCE_JIT_CACHE=str(folder), OMP_NUM_THREADS="1")
         return subprocess.run([sys.executable, "-m", "fastvit_reduce.cli", "train", "--config", cfg,
                                "--training.epochs=1", f"--logging.experiment={name}",
                                f"--logging.folder={tmp_path / 'runs'}"],
                               env=env, capture_output=True, text=True, timeout=600)
-    first = train("filled")
+    first = train("filled", session)
     assert first.returncode == 0, first.stderr[-3000:]
-    files = list(cache.rglob("*.nb[ic]"))
-    assert files
-    for p in files:
-        p.write_bytes(pickle.dumps(Touch(marker)))
-    second = train("planted")
+    planted = 0
+    for p in session.rglob("*.nb[ic]"):  # other test workers may be writing beside us: copy file by file
+        target = cache / p.relative_to(session)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.write_bytes(pickle.dumps(Touch(marker)))
+        planted += 1
+    assert planted
+    second = train("planted", cache)
     assert second.returncode == 0, second.stderr[-3000:]
     assert not marker.exists()
     assert second.stderr.count("RuntimeWarning") == 1 and "not signed with this user's key" in second.stderr

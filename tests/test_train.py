@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SEED_AUGMENT, write_beton, write_tiny_config
+from conftest import SEED_AUGMENT, paired_configs, write_beton, write_tiny_config
 from fastvit_reduce import runs
 from fastvit_reduce.config import ConfigError
 from fastvit_reduce.report import load_run, markdown_table
@@ -162,11 +162,7 @@ def test_labels_beyond_num_classes_are_refused_without_classes_json(tmp_path, ca
 # ----------------------------------------------------------------------------- paired runs
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("paired")
-    base = write_tiny_config(d, "baseline.yaml")
-    (d / "thin.yaml").write_text(f"base: {base}\nreduction: {{strategy: thin, mlp_ratio: 2.0}}\n")
-    (d / "grouped.yaml").write_text(f"base: {base}\nreduction: {{strategy: grouped}}\nema: {{decay: 0.5}}\n")
-    return d
+    return paired_configs(tmp_path_factory.mktemp("paired"))
 
 
 @pytest.mark.usefixtures("no_jit")

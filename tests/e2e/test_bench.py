@@ -20,10 +20,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import write_beton
+from conftest import sample_photos, write_beton
 
 from fastvit_reduce.data.write import write_split
-from fastvit_reduce.sample import build_sample
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, BATCH = 4, 6, 2, 8
@@ -67,10 +66,7 @@ def result(gpu_run):
 # ----------------------------------------------------------------------------- bench e2e
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "sample"
-    build_sample(out, num_classes=CLASSES, train_per_class=TRAIN_PER_CLASS, val_per_class=VAL_PER_CLASS,
-                 min_size=64, max_size=96)
-    return out
+    return sample_photos(tmp_path_factory.mktemp("e2e"), CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
 
 
 def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
@@ -132,7 +128,7 @@ def start_cli(*args) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_eval")
-    build_sample(root / "sample", num_classes=4, train_per_class=8, val_per_class=6, min_size=64, max_size=96)
+    sample_photos(root, 4, 8, 6)
     for split in ("train", "val"):
         write_split(str(root / "sample"), split, str(root / f"{split}.beton"), max_resolution=96, num_workers=1)
     cfg = root / "tiny.yaml"

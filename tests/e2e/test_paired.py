@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import paired_configs
 
-from conftest import write_tiny_config
 from fastvit_reduce import runs
 from fastvit_reduce.train import main
 
@@ -28,10 +28,7 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("paired")
-    base = write_tiny_config(d, "baseline.yaml")
-    (d / "thin.yaml").write_text(f"base: {base}\nreduction: {{strategy: thin, mlp_ratio: 2.0}}\n")
-    (d / "grouped.yaml").write_text(f"base: {base}\nreduction: {{strategy: grouped}}\nema: {{decay: 0.5}}\n")
+    d = paired_configs(tmp_path_factory.mktemp("paired"))
     (d / "runner.py").write_text(RUNNER)
     return d
 

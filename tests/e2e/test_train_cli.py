@@ -5,7 +5,7 @@ Runs are on tiny .beton files (64 train / 24 val images, 4 classes) with timm's 
 64, depth 6) at 32 px, 2 epochs of 8 steps, on the recipe of ``rn_configs/base.yaml``. ``runner.py``
 first turns ffcv's numba compiler off: the JIT costs ~10 s per pipeline and process, pure-Python
 ops on 32 px images take milliseconds (ffcv's Compiler switch); the compiled pipelines are tested in
-test_loaders.py. A process costs ~5 s of imports before any work, so what needs no signal, no
+tests/test_loaders.py and tests/e2e/test_jit_processes.py. A process costs ~5 s of imports before any work, so what needs no signal, no
 second process and no fresh interpreter runs in this process (``main``, ``no_jit``): the reference
 runs here, and the one-process run and the non-finite stop in tests/test_train.py.
 """
