@@ -149,7 +149,7 @@ class SeededRandomResizedCropDecoder(ResizedCropRGBImageDecoder, ReportsDecodeEr
 
 class TimmCenterCropDecoder(ResizedCropRGBImageDecoder, ReportsDecodeErrors):
     """Validation decoder with timm's eval geometry (``timm_center_crop``), resized by ffcv's cv2
-    INTER_AREA (ffcv's only resize) where timm uses PIL bicubic: tests/test_eval_parity.py measures
+    INTER_AREA (ffcv's only resize) where timm uses PIL bicubic: tests/test_decoders.py measures
     the difference on photos."""
 
     errors_at = 2

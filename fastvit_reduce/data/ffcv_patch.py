@@ -4,7 +4,7 @@
   ``ffcv.fields.rgb_image`` fills a two-entry ``numba.typed.Dict`` (``IMAGE_MODES``) at import,
   and the first ``__setitem__`` compiles numba's dict code, in every process. ffcv reads that dict
   only from Python (when a decoder generates its code, and in its writer), so a plain ``dict``
-  with the same entries behaves the same (tests/test_loaders.py checks the entries).
+  with the same entries behaves the same (tests/test_ffcv_patch.py checks the entries).
 * On Python 3.12 without setuptools' distutils shim: ffcv's ``pipeline/graph.py`` starts with
   ``from distutils.log import warn`` (a name it never calls), so a stub ``distutils.log`` stands in
   when, and only when, ``import distutils.log`` fails.
