@@ -68,15 +68,8 @@ def test_cpu_slots_pin_jobs_to_their_cores_and_split_a_pair(tmp_path, monkeypatc
         pinned.append(cpus)
         return real_launch(cmd, **kw)  # pinning itself is the kernel's: not asserted on a test box
 
-    def fake_torchrun(job, out, overrides, nproc, port):
-        code = ("import json, sys, pathlib; print('ARGS', *sys.argv[1:]); "
-                "[(pathlib.Path(d).mkdir(), (pathlib.Path(d) / 'final.json').write_text("
-                "json.dumps({'completed': True}))) for d in sys.argv[1].split(',')]")
-        dirs = ",".join(str(d) for d in sweep.run_dirs(job))
-        return [sys.executable, "-c", code, dirs, *sweep.train_args(job, out, overrides)]
-
     monkeypatch.setattr(sweep, "launch", launch)
-    monkeypatch.setattr(sweep, "torchrun_command", fake_torchrun)
+    monkeypatch.setattr(sweep, "torchrun_command", _finish_runs_stand_in)
     configs = [str(SAMPLE_CONFIGS / f"{n}.yaml") for n in ("baseline", "thin", "shallow", "grouped")]
     out = tmp_path / "paired"
     assert sweep.main(configs + ["--paired", "--cpu-slots", "2", "--out", str(out)]) == 0
@@ -112,8 +105,9 @@ def test_a_signal_during_job_start_still_stops_that_job(tmp_path, monkeypatch):
 
 
 def _finish_runs_stand_in(job, out, overrides, nproc, port):
-    """torchrun replaced: prints its trainer arguments and writes a completed final.json per run."""
-    code = ("import json, sys, pathlib; print('ARGS', *sys.argv[2:]); "
+    """torchrun replaced: prints its run folders and trainer arguments, and writes a completed
+    final.json per run."""
+    code = ("import json, sys, pathlib; print('ARGS', *sys.argv[1:]); "
             "[(pathlib.Path(d).mkdir(parents=True), (pathlib.Path(d) / 'final.json').write_text("
             "json.dumps({'completed': True}))) for d in sys.argv[1].split(',')]")
     dirs = ",".join(str(d) for d in sweep.run_dirs(job))
