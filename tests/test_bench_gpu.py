@@ -4,6 +4,8 @@ from the lines, and the CUDA-path sections report 0 host syncs (the rehearsal ru
 import json
 import sys
 
+import pytest
+
 from fastvit_reduce.bench import gpu_check
 
 
@@ -11,6 +13,7 @@ def lines(out):
     return [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # each section in a fresh interpreter
 def test_sections_write_one_line_each_and_fail_alone(tmp_path, monkeypatch):
     out = tmp_path / "out"
     # ema and augment for real; a section that hangs is cut at its limit and named

@@ -357,6 +357,7 @@ json.dump(seen, open(os.path.join(args.output, "seen.json"), "w"))
 """
 
 
+@pytest.mark.slow  # 8 trainer and train.py processes, then the bench again
 def test_bench_runs_end_to_end(folder, tmp_path, capsys):
     """(a) through a stand-in of timm's train.py, then (b), (c) and one lever (d), for 2 seeds x
     1 epoch, interleaved seed by seed; then the bench without --timm-train, with --resume."""

@@ -216,6 +216,7 @@ def test_a_skipped_update_means_the_same_on_every_path(tmp_path, fused, amp):
 
 
 # ----------------------------------------------------------------------------- compile
+@pytest.mark.slow  # inductor compiles the paired step
 def test_compiled_paired_variants_never_fall_back_to_eager(tmp_path, monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters

@@ -110,6 +110,7 @@ def exported(trained) -> dict:
     return done
 
 
+@pytest.mark.slow  # a paired training run, then two fresh interpreters
 @pytest.mark.parametrize("name, untie", EXPORTS)
 def test_export_round_trips_in_a_fresh_timm_process(trained, exported, name, untie):
     out, printed = exported[name, untie]["out"], exported[name, untie]["printed"]

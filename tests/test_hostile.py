@@ -343,6 +343,7 @@ def test_stop_signal_counts_ctrl_c_and_a_second_one_raises():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.slow  # four trainer processes
 def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(cfg, tmp_path):
     """Ctrl-C used to end in a raw KeyboardInterrupt traceback, exit 130 and no save."""
     import subprocess

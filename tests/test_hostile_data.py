@@ -245,6 +245,7 @@ def test_a_cache_or_key_others_could_write_is_refused_with_one_warning(own_cache
     assert len(caught) == 1
 
 
+@pytest.mark.slow  # two trainer processes, one compiling every pipeline
 def test_a_trainer_start_on_a_planted_cache_runs_nothing_and_trains_alike(cfg, tmp_path):
     """The real start: a cache holding one run's pipelines (the session's, which the first run fills
     or loads: tests/conftest.py), copied with every file replaced by a pickle that would create a
