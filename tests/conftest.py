@@ -35,7 +35,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Mark everything under tests/e2e/ ``e2e``. One process runs it last (the in-process tests fail
     faster); under pytest-xdist (scripts/test.sh) it goes first: the long modules start first and
-    the short ones fill the gaps, so both workers end together."""
+    the short ones fill the gaps, so the workers end together."""
     e2e = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e") + os.sep
     for item in items:
         if str(item.path).startswith(e2e):
