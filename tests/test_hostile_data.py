@@ -245,24 +245,26 @@ def test_a_cache_or_key_others_could_write_is_refused_with_one_warning(own_cache
     assert len(caught) == 1
 
 
-@pytest.mark.slow  # two trainer processes, one compiling every pipeline
-def test_a_trainer_start_on_a_planted_cache_runs_nothing_and_trains_alike(cfg, tmp_path):
+@pytest.mark.slow  # a trainer process compiling every pipeline
+def test_a_trainer_start_on_a_planted_cache_runs_nothing_and_trains_alike(cfg, tmp_path, capsys):
     """The real start: a cache holding one run's pipelines (the session's, which the first run fills
     or loads: tests/conftest.py), copied with every file replaced by a pickle that would create a
-    file; the next trainer refuses them unread, compiles, and gets the same weights."""
+    file; the next trainer, a fresh process, refuses them unread, compiles, and gets the same
+    weights. The first run needs no fresh interpreter: it runs here (``main``), on one thread as
+    the process does."""
     import pickle
     import subprocess
     import sys
-    session, cache, marker = Path(os.environ["FASTVIT_REDUCE_JIT_CACHE"]), tmp_path / "cache", tmp_path / "PWNED"
 
-    def train(name: str, folder: Path) -> subprocess.CompletedProcess:
-        env = dict(os.environ, FASTVIT_REDUCE_JIT_CACHE=str(folder), OMP_NUM_THREADS="1")
-        return subprocess.run([sys.executable, "-m", "fastvit_reduce.cli", "train", "--config", cfg,
-                               "--training.epochs=1", f"--logging.experiment={name}",
-                               f"--logging.folder={tmp_path / 'runs'}"],
-                              env=env, capture_output=True, text=True, timeout=600)
-    first = train("filled", session)
-    assert first.returncode == 0, first.stderr[-3000:]
+    import torch
+    session, cache, marker = Path(os.environ["FASTVIT_REDUCE_JIT_CACHE"]), tmp_path / "cache", tmp_path / "PWNED"
+    args = ["--config", cfg, "--training.epochs=1", f"--logging.folder={tmp_path / 'runs'}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--logging.experiment=filled"]) == 0, capsys.readouterr().err[-3000:]
+    finally:
+        torch.set_num_threads(threads)
     planted = 0
     for p in session.rglob("*.nb[ic]"):  # other test workers may be writing beside us: copy file by file
         target = cache / p.relative_to(session)
@@ -270,7 +272,9 @@ def test_a_trainer_start_on_a_planted_cache_runs_nothing_and_trains_alike(cfg, t
         target.write_bytes(pickle.dumps(Touch(marker)))
         planted += 1
     assert planted
-    second = train("planted", cache)
+    env = dict(os.environ, FASTVIT_REDUCE_JIT_CACHE=str(cache), OMP_NUM_THREADS="1")
+    second = subprocess.run([sys.executable, "-m", "fastvit_reduce.cli", "train", *args,
+                             "--logging.experiment=planted"], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert not marker.exists()
     assert second.stderr.count("RuntimeWarning") == 1 and "not signed with this user's key" in second.stderr

@@ -2,10 +2,9 @@
 
 * ``bench e2e``: the whole command on a tiny sample ImageFolder (4 classes, 64-96 px photos): .beton
   write, one child run per path, JSON summary; and ``--sweep`` with ``--cpu-slots 2``;
-* ``bench eval``: one run's weights through our .beton val loader and timm's ImageFolder loader. A
-  test_vit trains one epoch (``python train.py``), ``fastvit-reduce bench eval`` (a child process, as
-  users run it) evaluates its last.pt both ways; the ours column must equal the trainer's own final
-  evaluation;
+* ``bench eval``: one run's weights through our .beton val loader and timm's ImageFolder loader.
+  ``fastvit-reduce bench eval`` (a child process, as users run it) evaluates the last.pt of bench
+  e2e's ours run both ways; the ours column must equal the trainer's own final evaluation;
 * the GPU check's process-heavy sections on the CPU (train with SIGTERM and resume, loader, paired),
   structure and invariants only, so the check cannot rot (tests/test_bench_gpu.py has the others);
 * ``bench loader``'s ceiling pool: worker processes, one of them killed.
@@ -21,8 +20,6 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import sample_photos, write_beton
-
-from fastvit_reduce.data.write import write_split
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, BATCH = 4, 6, 2, 8
@@ -69,18 +66,29 @@ def folder(tmp_path_factory):
     return sample_photos(tmp_path_factory.mktemp("e2e"), CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS)
 
 
-def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
-    """The whole command on the tiny folder: .beton write, one child run per path, JSON summary."""
-    import json
+@pytest.fixture(scope="module")
+def quick(folder, tmp_path_factory):
+    """``bench e2e --quick`` on the tiny folder, once: its exit code, its JSON and its .beton folder
+    (the runs are in ``betons/runs``; bench eval reads the ours run)."""
+    import contextlib
+    import io
 
     from fastvit_reduce.bench.e2e import main
-    rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
-               "--beton-dir", str(tmp_path / "betons"), "--config", "rn_configs/sample/base.yaml", "--quick",
-               "--max-res", "64", "--write-workers", "1", "--json",
-               "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
-               "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1"])
-    out = json.loads(capsys.readouterr().out)
-    assert rc == 0, [r["log"] for r in out["runs"]]
+    betons = tmp_path_factory.mktemp("quick") / "betons"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["--train-dir", str(folder / "train"), "--val-dir", str(folder / "val"),
+                   "--beton-dir", str(betons), "--config", "rn_configs/sample/base.yaml", "--quick",
+                   "--max-res", "64", "--write-workers", "1", "--json",
+                   "--set", f"training.batch_size={BATCH}", "--set", f"training.global_batch={BATCH}",
+                   "--set", f"validation.batch_size={BATCH}", "--set", "data.num_workers=1"])
+    return SimpleNamespace(rc=rc, out=json.loads(stdout.getvalue()), betons=betons)
+
+
+def test_quick_run_prints_both_paths(quick):
+    """The whole command on the tiny folder: .beton write, one child run per path, JSON summary."""
+    out = quick.out
+    assert quick.rc == 0, [r["log"] for r in out["runs"]]
     assert out["beton_write_s"] > 0 and out["epochs"] == 1
     assert [r["path"] for r in out["runs"]] == ["ours", "timm"]
     summary = {r["path"]: r for r in out["summary"]}
@@ -95,30 +103,10 @@ def test_quick_run_prints_both_paths(folder, tmp_path, capsys):
     assert out["jit_cache"] == "warm" and out["jit_prime_s"] > 0
     ours = out["runs"][0]
     assert ours["jit_compiled"] == 0 and ours["jit_loaded"] > 0, ours
-    assert (tmp_path / "betons" / "runs" / "ours_jit_prime" / "final.json").is_file()
+    assert (quick.betons / "runs" / "ours_jit_prime" / "final.json").is_file()
 
 
 # ----------------------------------------------------------------------------- bench eval
-CONFIG = """\
-base: {base}
-data: {{train_dataset: {train}, val_dataset: {val}, num_workers: 1, batches_ahead: 1, rrc_scale: [0.25, 1.0]}}
-resolution: {{min_res: 32, max_res: 32, step: 8}}
-model: {{arch: test_vit, num_classes: 4, img_size: 32, patch_size: 8}}
-augment: {{randaugment: '', mixup: 0, cutmix: 0, reprob: 0, aug_repeats: 1}}
-training: {{epochs: 1, batch_size: 8, global_batch: 0, amp: 'off', device: cpu, channels_last: 0}}
-lr: {{warmup_epochs: 0.25, step_on: update}}
-ema: {{decay: 0.9}}
-validation: {{batch_size: 16}}
-logging: {{folder: {runs}, experiment: tiny, progress: 0}}
-"""
-
-
-def run_cli(*args, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300, **kw)
-
-
 def start_cli(*args) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -126,30 +114,23 @@ def start_cli(*args) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench_eval")
-    sample_photos(root, 4, 8, 6)
-    for split in ("train", "val"):
-        write_split(str(root / "sample"), split, str(root / f"{split}.beton"), max_resolution=96, num_workers=1)
-    cfg = root / "tiny.yaml"
-    cfg.write_text(CONFIG.format(base=REPO / "rn_configs" / "base.yaml", train=root / "train.beton",
-                                 val=root / "val.beton", runs=root / "runs"))
-    proc = run_cli("train.py", "--config", str(cfg))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return root
+def trained(quick, folder):
+    """bench e2e's ours run (its trainer, 1 epoch on the tiny folder) and the photos it was written from."""
+    assert quick.rc == 0
+    return SimpleNamespace(run=quick.betons / "runs" / "ours_r0", val=folder / "val")
 
 
 def test_same_weights_through_both_val_pipelines(trained):
-    run = trained / "runs" / "tiny"
+    run = trained.run
     # the EMA and the raw weights: two independent commands (read-only on the run), side by side
     ema, raw = [start_cli("-m", "fastvit_reduce.cli", "bench", "eval", str(run), "--val-dir",
-                          str(trained / "sample" / "val"), *weights, "--json")
+                          str(trained.val), *weights, "--json")
                 for weights in ([], ["--weights", "raw"])]
     (ema_out, ema_err), (raw_out, raw_err) = ema.communicate(timeout=300), raw.communicate(timeout=300)
     assert ema.returncode == 0, ema_out + ema_err
     (row,) = json.loads(ema_out)
     final = json.loads((run / "final.json").read_text())
-    assert row["images"] == 4 * 6 and row["weights"] == "ema"
+    assert row["images"] == CLASSES * VAL_PER_CLASS and row["weights"] == "ema"
     # our column is the trainer's own evaluation of the same EMA weights, to the image
     assert row["ours_top_1"] == pytest.approx(final["final_ema_top_1"], abs=1e-3)
     assert 0 <= row["timm_top_1"] <= 100
@@ -162,16 +143,16 @@ def test_bad_inputs_are_named(trained, tmp_path, capsys):
     """In this process (``bench eval`` refuses them before loading anything: no process needed)."""
     from fastvit_reduce.cli import main as cli
 
-    val = str(trained / "sample" / "val")
+    val = str(trained.val)
     proc = SimpleNamespace(returncode=cli(["bench", "eval", str(tmp_path), "--val-dir", val]),
                            stderr=capsys.readouterr().err)
     assert proc.returncode == 2 and "no params.json" in proc.stderr
     other = tmp_path / "val"  # same images, one class folder renamed: labels would not match
-    for cls in sorted((trained / "sample" / "val").iterdir()):
+    for cls in sorted(trained.val.iterdir()):
         (other / cls.name.replace(cls.name[0], "z", 1)).mkdir(parents=True)
         for f in cls.iterdir():
             (other / cls.name.replace(cls.name[0], "z", 1) / f.name).symlink_to(f)
-    proc = SimpleNamespace(returncode=cli(["bench", "eval", str(trained / "runs" / "tiny"), "--val-dir", str(other)]),
+    proc = SimpleNamespace(returncode=cli(["bench", "eval", str(trained.run), "--val-dir", str(other)]),
                            stderr=capsys.readouterr().err)
     assert proc.returncode == 2 and "labels would not match" in proc.stderr
 

@@ -1,13 +1,13 @@
 """The on-disk numba cache of the ffcv pipelines (``fastvit_reduce.data.jit``) across processes.
 
-The cache must change nothing but time: the same pixels cold, warm, off, from a damaged cache and
-without a usable folder. Each case runs in a fresh process, as a run of a sweep would.
+The cache must change nothing but time: the same pixels cold, warm, from a damaged cache and without
+a usable folder (no cache at all). Each case runs in a fresh process, as a run of a sweep would.
 
 A cold process spends ~10 s compiling, so the module's processes run once, in one fixture, and the
-tests read their results: one ``off`` run, one cold run whose cache the warm run loads (a copy of
-it is then damaged), one run without a usable folder, and the two cold processes that start at once
-on one empty cache. Independent processes run side by side, at most two of them compiling
-(each compiles on one core).
+tests read their results: one cold run whose cache the warm run loads (a copy of it is then
+damaged), one run without a usable folder (no cache at all: the reference pixels; ``off`` is
+tests/test_jit.py's, in-process), and the two cold processes that start at once on one empty cache.
+Independent processes run side by side, at most two of them compiling (each compiles on one core).
 """
 from __future__ import annotations
 
@@ -81,30 +81,31 @@ def runs(jpeg_betons, tmp_path_factory):
     root = tmp_path_factory.mktemp("jit_caches")
     r = SimpleNamespace(cache=root / "cache", two=root / "two", damaged_cache=root / "damaged",
                         blocker=root / "a_file")
-    (r.off, _), (r.cold, _) = decode_epochs(jpeg_betons, "off", r.cache)
+    r.blocker.write_text("not a folder")
+    # a cold cache and a folder that cannot be created (no cache at all: the reference)
+    (r.cold, _), (r.unusable, r.unusable_err) = decode_epochs(jpeg_betons, r.cache, r.blocker / "cache")
     # two ranks (or two sweep slots) starting together on an empty cache
     r.both = decode_epochs(jpeg_betons, r.two, r.two)
     shutil.copytree(r.cache, r.damaged_cache)  # the cold run's files, to damage
     r.damaged_files = [p for p in r.damaged_cache.rglob("*") if p.suffix in (".nbi", ".nbc")]
     for p in r.damaged_files:  # a half-written disk, or another tool's files
         p.write_bytes(p.read_bytes()[:7])
-    r.blocker.write_text("not a folder")
-    # two loads (warm, third) and two compiles (a folder that cannot be created, the damaged copy)
-    (r.warm, r.warm_err), (r.third, r.third_err), (r.unusable, r.unusable_err), (r.again, r.again_err) = \
-        decode_epochs(jpeg_betons, r.cache, r.two, r.blocker / "cache", r.damaged_cache)
+    # two loads (warm, third) and a compile (the damaged copy)
+    (r.warm, r.warm_err), (r.third, r.third_err), (r.again, r.again_err) = \
+        decode_epochs(jpeg_betons, r.cache, r.two, r.damaged_cache)
     (r.healed, r.healed_err), = decode_epochs(jpeg_betons, r.damaged_cache)  # rewritten: loads again
     return r
 
 
 def test_cold_then_warm_loads_every_pipeline_and_decodes_the_same_pixels(runs):
-    off, cold, warm, stderr = runs.off, runs.cold, runs.warm, runs.warm_err
-    assert off["loaded"] == off["compiled"] == 0  # no cache at all
+    uncached, cold, warm, stderr = runs.unusable, runs.cold, runs.warm, runs.warm_err
+    assert uncached["loaded"] == uncached["compiled"] == 0  # no cache at all
     # cold: the train pipeline compiles, with the functions it calls (libffcv bindings, crop, flip);
     # the val loader loads what it shares with train and compiles its own decoder.
     assert cold["compiled"] >= 4 and cold["loaded"] >= 1
     # warm: the 6 pipeline functions load whole (reader, image and label decoder, train and val)
     assert warm["compiled"] == 0 and warm["loaded"] == 6
-    assert cold["hash"] == warm["hash"] == off["hash"]
+    assert cold["hash"] == warm["hash"] == uncached["hash"]
     assert "Cannot cache" not in stderr and "not loaded" not in stderr
 
 
@@ -129,8 +130,8 @@ def test_damaged_cache_files_are_recompiled_with_a_warning(runs):
 
 
 def test_unusable_cache_folder_warns_and_compiles(runs):
-    off, run, stderr = runs.off, runs.unusable, runs.unusable_err
-    assert run["hash"] == off["hash"] and run["loaded"] == run["compiled"] == 0
+    run, stderr = runs.unusable, runs.unusable_err
+    assert run["hash"] == runs.cold["hash"] and run["loaded"] == run["compiled"] == 0
     assert "is not usable" in stderr
 
 
