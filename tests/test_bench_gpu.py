@@ -2,6 +2,7 @@
 they finish, a section that crashes or runs out of time gets a failing line, the summaries follow
 from the lines, and the CUDA-path sections report 0 host syncs (the rehearsal runs all of them)."""
 import json
+import os
 import sys
 
 import pytest
@@ -15,8 +16,10 @@ def lines(out):
 
 @pytest.mark.slow  # each section in a fresh interpreter
 def test_sections_write_one_line_each_and_fail_alone(tmp_path, monkeypatch):
+    """``run_sections``: one child process per section; a section that hangs is cut at its limit and
+    named, and the others keep their lines. Two sections are enough (each process costs seconds of
+    imports): the other sections' figures are checked in this process below."""
     out = tmp_path / "out"
-    # ema and augment for real; a section that hangs is cut at its limit and named
     monkeypatch.setitem(gpu_check.SECTIONS, "train", 2)
     real_run = gpu_check.subprocess.run
 
@@ -25,19 +28,39 @@ def test_sections_write_one_line_each_and_fail_alone(tmp_path, monkeypatch):
             cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
         return real_run(cmd, timeout=timeout, **kw)
     monkeypatch.setattr(gpu_check.subprocess, "run", run)
-    code = gpu_check.main(["--out", str(out), "--device", "cpu", "--sections", "ema,augment,bit_exact,train"])
-    rows = lines(out)
+    code = gpu_check.main(["--out", str(out), "--device", "cpu", "--sections", "train,ema"])
     by = {}
-    for r in rows:
+    for r in lines(out):
         by.setdefault(r["section"], []).append(r)
     assert code == 1  # the hung section fails the check
+    assert by["train"] == [{"section": "train", "ok": False, "error": "timed out after 2 s", "seconds": by["train"][0]["seconds"]}]
     assert by["ema"][0]["ok"] and by["ema"][0]["once"] and by["ema"][0]["foreach"]  # foreach kept for "cpu"
+    assert "memory" not in by and "balance" not in by  # they follow step and loader only
+
+
+def sections_here(tmp_path, *names) -> dict:
+    """Run ``names``' section functions in this process (what each section's child runs); their rows."""
+    out = tmp_path / "gpu_check.jsonl"
+    args = gpu_check.parse(["--out", str(tmp_path), "--device", "cpu"])
+    for name in names:
+        gpu_check.CHILDREN[name](args, out, tmp_path)
+    by = {}
+    for r in lines(tmp_path):
+        by.setdefault(r["section"], []).append(r)
+    return by
+
+
+def test_augment_bit_exact_loader_and_paired_sections(tmp_path):
+    by = sections_here(tmp_path, "augment", "bit_exact", "loader", "paired")
     assert [r["part"] for r in by["augment"]] == ["randaugment", "full"]
     assert all(r["ok"] and r["host_syncs"] == 0 for r in by["augment"])  # the CUDA path syncs nothing
     bit = by["bit_exact"][0]
     assert bit["ok"] and bit["batches"] == 6 and bit["equal_batches"] == 6  # 48 images, batch 8
-    assert by["train"] == [{"section": "train", "ok": False, "error": "timed out after 2 s", "seconds": by["train"][0]["seconds"]}]
-    assert "memory" not in by and "balance" not in by  # they follow step and loader only
+    assert [r["threads"] for r in by["loader"]] == sorted({1, len(os.sched_getaffinity(0))})
+    assert all(r["ok"] and r["img_s"] > 0 and r["img_s_per_core"] > 0 for r in by["loader"])
+    [paired] = by["paired"]
+    assert paired["ok"] and paired["variants"] == 4
+    assert paired["variant_img_s"] == pytest.approx(4 * paired["stream_img_s"], rel=1e-2)
 
 
 def test_balance_and_memory_from_the_lines(tmp_path):
