@@ -1,8 +1,8 @@
 """``fastvit-reduce export``: each strategy's trained weights leave the project for stock timm.
 
 One paired run trains the four strategies on a tiny .beton (1 epoch, EMA on, so the headline is
-the EMA's); each is exported, then loaded in a fresh Python that imports only timm (and, for a
-tied grouped export, fastvit_reduce for its registered name), whose logits on a batch must equal
+the EMA's); each is exported, then loaded in a fresh Python that has imported only timm (and, for
+a tied grouped export, then fastvit_reduce for its registered name), whose logits on a batch must equal
 the trained model's and whose parameter count must be what ``fastvit-reduce info`` reports.
 """
 from __future__ import annotations
@@ -27,16 +27,18 @@ STRATEGIES = {"baseline": "", "thin": "{strategy: thin, mlp_ratio: 2.0}",
 KNOB_FLAGS = {"baseline": [], "thin": ["--mlp-ratio", "2.0"], "shallow": ["--keep-ratio", "0.5"],
               "grouped": ["--group-size", "2"]}
 
-# the fresh process: only timm (plus fastvit_reduce when asked), one torch thread like the parent;
-# argv: 1|0 (import fastvit_reduce), the batch, then each export folder; one JSON line per folder
+# the fresh process: only timm, one torch thread like the parent; argv: the batch, then each export
+# folder, one JSON line per folder. A folder given as "+FOLDER" imports fastvit_reduce first (it
+# registers the grouped names with timm): the tied grouped export, loaded last.
 LOADER = """import json, sys
 import torch
 torch.set_num_threads(1)
-if sys.argv[1] == "1":
-    import fastvit_reduce  # registers the grouped names with timm
 import timm
-x = torch.load(sys.argv[2])
-for out in sys.argv[3:]:
+x = torch.load(sys.argv[1])
+for out in sys.argv[2:]:
+    if out.startswith("+"):
+        import fastvit_reduce
+        out = out[1:]
     model = timm.create_model("local-dir:" + out, pretrained=True).eval()
     with torch.no_grad():
         torch.save(model(x), out + ".logits")
@@ -82,9 +84,10 @@ def batch() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def exported(trained) -> dict:
-    """Every run of ``trained`` exported (tied grouped, and grouped --untie), then loaded back in two
-    fresh processes: one that imports only timm (four exports), one that also imports fastvit_reduce
-    (the tied grouped one). Per (name, untie): its folder, what export printed, the fresh logits and facts."""
+    """Every run of ``trained`` exported (tied grouped, and grouped --untie), then loaded back in one
+    fresh process: the four untied exports while it has imported only timm, then the tied grouped one
+    after importing fastvit_reduce. Per (name, untie): its folder, what export printed, the fresh
+    logits and facts."""
     done = {}
     for name, untie in EXPORTS:
         out = trained / "exported" / f"{name}{'_untied' if untie else ''}"
@@ -96,21 +99,19 @@ def exported(trained) -> dict:
     x = trained / "batch.pt"
     torch.save(batch(), x)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # why: stock timm, not the repo on the path
-    ours_env = dict(env, PYTHONPATH=str(Path(export.__file__).resolve().parents[1]))
-    tied = [key for key in EXPORTS if key == ("grouped", False)]
-    for keys, with_ours in (([k for k in EXPORTS if k not in tied], False), (tied, True)):
-        cmd = [sys.executable, str(trained / "loader.py"), "1" if with_ours else "0", str(x),
-               *(str(done[k]["out"]) for k in keys)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ours_env if with_ours else env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        lines = [json.loads(line) for line in result.stdout.strip().splitlines()[-len(keys):]]
-        for key, facts in zip(keys, lines):
-            assert facts["out"] == str(done[key]["out"])
-            done[key].update(facts=facts, logits=torch.load(facts["out"] + ".logits"))
+    keys = sorted(EXPORTS, key=lambda k: k == ("grouped", False))  # the tied one last
+    cmd = [sys.executable, str(trained / "loader.py"), str(x),
+           *(("+" if k == ("grouped", False) else "") + str(done[k]["out"]) for k in keys)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()[-len(keys):]]
+    for key, facts in zip(keys, lines):
+        assert facts["out"] == str(done[key]["out"])
+        done[key].update(facts=facts, logits=torch.load(facts["out"] + ".logits"))
     return done
 
 
-@pytest.mark.slow  # a paired training run, then two fresh interpreters
+@pytest.mark.slow  # a paired training run, then a fresh interpreter
 @pytest.mark.parametrize("name, untie", EXPORTS)
 def test_export_round_trips_in_a_fresh_timm_process(trained, exported, name, untie):
     out, printed = exported[name, untie]["out"], exported[name, untie]["printed"]
