@@ -26,11 +26,13 @@ done
 # pytest-xdist workers, one more than the cores (at most 6; TEST_WORKERS=N to choose, 0: one
 # process): many tests wait on processes, signals or sleeps, and the extra worker fills those waits
 # (2 cores: 265 s with 3 workers, 290-303 s with 2). A module's tests stay on one worker
-# (--dist loadscope), so its module fixtures (built .beton files, trained runs) are made once.
+# (--dist loadscope), so its module fixtures (built .beton files, trained runs) are made once; the
+# modules go out in the order tests/conftest.py gives (the long, process-starting ones first), not
+# xdist's default (most tests first), which left the longest modules for last.
 cores=$(nproc)
 workers=${TEST_WORKERS:-$(( cores + 1 < 6 ? cores + 1 : 6 ))}
 xdist=()
-[ "$workers" = 0 ] || xdist=(-n "$workers" --dist loadscope)
+[ "$workers" = 0 ] || xdist=(-n "$workers" --dist loadscope --no-loadscope-reorder)
 start=$(date +%s)
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 ${xdist[@]+"${xdist[@]}"} \

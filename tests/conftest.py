@@ -34,14 +34,21 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)  # why: before pytest's own -m deselection sees the items
 def pytest_collection_modifyitems(config, items):
     """Mark everything under tests/e2e/ ``e2e``. One process runs it last (the in-process tests fail
-    faster); under pytest-xdist (scripts/test.sh) it goes first: the long modules start first and
-    the short ones fill the gaps, so the workers end together."""
+    faster); under pytest-xdist (scripts/test.sh, with --no-loadscope-reorder) the modules that
+    start processes go first, e2e then those with a test marked slow: the long modules start first
+    and the short ones fill the gaps, so the workers end together."""
     e2e = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e") + os.sep
+    slow_modules = set()
     for item in items:
         if str(item.path).startswith(e2e):
             item.add_marker(pytest.mark.e2e)
-    last = "PYTEST_XDIST_WORKER" not in os.environ
-    items.sort(key=lambda item: (item.get_closest_marker("e2e") is not None) == last)  # stable: file order kept
+        if item.get_closest_marker("slow"):
+            slow_modules.add(item.path)
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        # stable: each module's tests stay together and in file order
+        items.sort(key=lambda item: (item.get_closest_marker("e2e") is None, item.path not in slow_modules))
+    else:
+        items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
 
 
 def _session_jit_cache(config):
