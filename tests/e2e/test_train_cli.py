@@ -1,5 +1,5 @@
 """The trainer as real processes on CPU: ``python runner.py`` (what ``python train.py`` does) or
-``torchrun``: two processes in step, a two-node rendezvous, SIGTERM and kill -9 then resume.
+``torchrun``: two processes in step through a two-node rendezvous, SIGTERM and kill -9 then resume.
 
 Runs are on tiny .beton files (64 train / 24 val images, 4 classes) with timm's ``test_vit`` (embed
 64, depth 6) at 32 px, 2 epochs of 8 steps, on the recipe of ``rn_configs/base.yaml``. ``runner.py``
@@ -23,8 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import SEED_AUGMENT, write_tiny_config
+
 from fastvit_reduce.train import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,13 +51,6 @@ def env(tmp_path_factory):
 
 def proc_env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def train(env, *args, torchrun=(), **kw):
-    """Run the trainer to its end; return the CompletedProcess (output captured)."""
-    cmd = ([sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable])
-    return subprocess.run([*cmd, env.runner, "--config", env.cfg, *args], cwd=REPO, env=proc_env(),
-                          capture_output=True, text=True, timeout=300, **kw)
 
 
 def start(env, *args):
@@ -88,20 +81,27 @@ def final(run: Path) -> dict:
     return json.loads((run / "final.json").read_text())
 
 
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def test_two_processes_end_with_identical_weights_for_every_variant_of_a_pair(env):
-    """torchrun --standalone, gloo: a pair (thin MLPs + grouped MLPs, stepping in turn on each batch)
-    with the seed's augmentation, bf16 autocast, grad accumulation, progressive resizing (24 px then
-    32 px; val at 32 px, so timm's dynamic_img_size). One run for what were two tests: the
-    unpaired two-process run (thin) and the paired one (every variant in sync)."""
-    result = ok(train(env, "--config", str(env.dir / "thin.yaml"), "--pair-with", str(env.dir / "grouped.yaml"),
-                      f"--logging.folder={env.runs / 'ddp'}", "--training.amp=bf16", "--training.global_batch=32",
-                      "--resolution.min_res=24", "--resolution.end_ramp=1",
-                      *HEAVY, torchrun=["--standalone", "--nproc-per-node=2"]))
+def test_two_nodes_end_with_identical_weights_for_every_variant_of_a_pair(env):
+    """Two torchrun launchers (one process each) meet through a c10d rendezvous on loopback, like two
+    nodes, and train a pair (thin MLPs + grouped MLPs, stepping in turn on each batch) with gloo, the
+    seed's augmentation, bf16 autocast, grad accumulation and progressive resizing (24 px then 32 px;
+    val at 32 px, so timm's dynamic_img_size). One run for what were three tests: the rendezvous, the
+    unpaired two-process run (thin) and the paired one (every variant in sync). ``--standalone
+    --nproc-per-node=2`` differs for the trainer only in LOCAL_RANK (the GPU index) and
+    LOCAL_WORLD_SIZE (cores per process): tests/test_runtime.py."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=fvr-test", "--local-addr=127.0.0.1"]
+    args = [sys.executable, "-m", "torch.distributed.run", *launcher, env.runner, "--config", str(env.dir / "thin.yaml"),
+            "--pair-with", str(env.dir / "grouped.yaml"), f"--logging.folder={env.runs / 'ddp'}",
+            "--training.amp=bf16", "--training.global_batch=32", "--resolution.min_res=24",
+            "--resolution.end_ramp=1", *HEAVY]
+    nodes = [subprocess.Popen(args, cwd=REPO, env=proc_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
     for name in ("thin", "grouped"):
         fin = final(env.runs / "ddp" / name)
         assert fin["completed"] and fin["world_size"] == 2 and fin["ranks_in_sync"] is True
@@ -110,25 +110,7 @@ def test_two_processes_end_with_identical_weights_for_every_variant_of_a_pair(en
             [(0, 24, 24), (1, 24, 32)]
     fin = final(env.runs / "ddp" / "thin")
     assert fin["strategy"] == "thin" and fin["params"] < 264_260
-    assert result.stdout.count("thin epoch 1:") == 1  # only rank 0 logs
-
-
-def test_two_node_rendezvous_on_loopback(env):
-    """Two torchrun launchers (one process each) meet through a c10d rendezvous, like two nodes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                "--rdzv-id=fvr-test", "--local-addr=127.0.0.1"]
-    args = [sys.executable, "-m", "torch.distributed.run", *launcher, env.runner, "--config", env.cfg,
-            "--logging.experiment=nodes", "--reduction.strategy=shallow", "--training.epochs=1"]
-    nodes = [subprocess.Popen(args, cwd=REPO, env=proc_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
-    fin = final(env.runs / "nodes")
-    assert fin["completed"] and fin["world_size"] == 2 and fin["ranks_in_sync"] is True
-    assert fin["strategy"] == "shallow"
+    assert sum(o.count("thin epoch 1:") for o in outs) == 1  # only rank 0 logs
 
 
 def test_sigterm_then_kill9_then_resume(env, no_jit):
