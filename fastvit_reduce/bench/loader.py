@@ -126,6 +126,7 @@ def batch_randaugment(spec: str):
 
 def _ceiling_worker(beton: str, shard: int, shards: int, res: int, tasks, results) -> None:
     """(d) one process: decode + random-crop/resize its shard of stored JPEGs, once per task."""
+    import fastvit_reduce.data.ffcv_patch  # noqa: F401 — a spawned process: the fast ffcv import first
     from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.reader import Reader
