@@ -13,6 +13,7 @@ import torch
 
 
 def _two_rank_worker(rank, world, path, init_file, out):
+    import fastvit_reduce.data.ffcv_patch  # noqa: F401,I001 — the spawned rank's first ffcv import
     import torch.distributed as dist
     from ffcv.pipeline.compiler import Compiler
 
