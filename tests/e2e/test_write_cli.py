@@ -30,6 +30,9 @@ def _slow_write(argv: list[str], log: Path) -> None:
     Forked from pytest rather than started fresh: a new interpreter spends 6+ s importing ffcv.
     """
     sys.stdout = sys.stderr = open(log, "w", buffering=1)
+    # a command in a terminal: Ctrl-C raises KeyboardInterrupt (pytest may run as a shell's background
+    # job, whose children inherit SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     decode = write.load_rgb
     write.load_rgb = lambda path, max_res: (time.sleep(0.4), decode(path, max_res))[1]
     os._exit(write.main(argv))
