@@ -23,14 +23,14 @@ for a in "$@"; do
     fi
 done
 [ ${#args[@]} -gt 0 ] || args=(tests)   # default: the whole suite; otherwise the files/flags given
-# pytest-xdist workers, one more than the cores (at most 6; TEST_WORKERS=N to choose, 0: one
-# process): many tests wait on processes, signals or sleeps, and the extra worker fills those waits
-# (2 cores, an earlier form of this suite: 265 s with 3 workers, 290-303 s with 2). A module's tests stay on one worker
-# (--dist loadscope), so its module fixtures (built .beton files, trained runs) are made once; the
-# modules go out in the order tests/conftest.py gives (the long, process-starting ones first), not
-# xdist's default (most tests first), which left the longest modules for last.
+# pytest-xdist workers, one per core (at most 6; TEST_WORKERS=N to choose, 0: one process). A
+# module's tests stay on one worker (--dist loadscope), so its module fixtures (built .beton files,
+# trained runs) are made once; the modules go out in the order tests/conftest.py gives (the long,
+# process-starting ones first), not xdist's default (most tests first), which left the longest
+# modules for last. The suite is then CPU-bound: on 2 cores (2026-12-03) 331 s with 2 workers,
+# 346 s with 3 (a third worker's imports and collection cost ~45 CPU-s).
 cores=$(nproc)
-workers=${TEST_WORKERS:-$(( cores + 1 < 6 ? cores + 1 : 6 ))}
+workers=${TEST_WORKERS:-$(( cores < 6 ? cores : 6 ))}
 xdist=()
 [ "$workers" = 0 ] || xdist=(-n "$workers" --dist loadscope --no-loadscope-reorder)
 start=$(date +%s)
