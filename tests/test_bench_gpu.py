@@ -50,6 +50,7 @@ def sections_here(tmp_path, *names) -> dict:
     return by
 
 
+@pytest.mark.slow  # two ffcv pipelines compiled, four variants built and stepped
 def test_augment_bit_exact_loader_and_paired_sections(tmp_path):
     by = sections_here(tmp_path, "augment", "bit_exact", "loader", "paired")
     assert [r["part"] for r in by["augment"]] == ["randaugment", "full"]

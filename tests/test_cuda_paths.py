@@ -268,6 +268,7 @@ def test_the_ema_keeps_foreach_when_given_its_own_device_by_another_name():
     assert Path(trainer_mod.__file__).name == "trainer.py"
 
 
+@pytest.mark.slow  # a fresh interpreter that compiles an ffcv pipeline
 def test_another_numba_without_the_cache_internals_compiles_uncached_with_one_warning(tmp_path):
     """The box's numba may differ: the cache's private imports failing must cost one warning,
     never an ImportError (a planted failing import stands in for a numba that moved them)."""
