@@ -81,10 +81,7 @@ def test_balance_and_memory_from_the_lines(tmp_path):
 
 
 def test_host_syncs_section_counts_none_for_paired_bf16_and_fp16(tmp_path):
-    out = tmp_path / "gpu_check.jsonl"
-    args = gpu_check.parse(["--out", str(tmp_path), "--device", "cpu"])
-    gpu_check.section_host_syncs(args, out, tmp_path)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = sections_here(tmp_path, "host_syncs")["host_syncs"]
     assert [(r["amp"], r["host_syncs_per_step"], r["ok"]) for r in rows] == [("bf16", 0.0, True), ("fp16", 0.0, True)]
 
 

@@ -246,25 +246,19 @@ def test_a_cache_or_key_others_could_write_is_refused_with_one_warning(own_cache
 
 
 @pytest.mark.slow  # a trainer process compiling every pipeline
+@pytest.mark.usefixtures("one_thread")  # the first run, here, on one thread as the process runs
 def test_a_trainer_start_on_a_planted_cache_runs_nothing_and_trains_alike(cfg, tmp_path, capsys):
     """The real start: a cache holding one run's pipelines (the session's, which the first run fills
     or loads: tests/conftest.py), copied with every file replaced by a pickle that would create a
     file; the next trainer, a fresh process, refuses them unread, compiles, and gets the same
-    weights. The first run needs no fresh interpreter: it runs here (``main``), on one thread as
-    the process does."""
+    weights. The first run needs no fresh interpreter: it runs here (``main``)."""
     import pickle
     import subprocess
     import sys
 
-    import torch
     session, cache, marker = Path(os.environ["FASTVIT_REDUCE_JIT_CACHE"]), tmp_path / "cache", tmp_path / "PWNED"
     args = ["--config", cfg, "--training.epochs=1", f"--logging.folder={tmp_path / 'runs'}"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*args, "--logging.experiment=filled"]) == 0, capsys.readouterr().err[-3000:]
-    finally:
-        torch.set_num_threads(threads)
+    assert main([*args, "--logging.experiment=filled"]) == 0, capsys.readouterr().err[-3000:]
     planted = 0
     for p in session.rglob("*.nb[ic]"):  # other test workers may be writing beside us: copy file by file
         target = cache / p.relative_to(session)
